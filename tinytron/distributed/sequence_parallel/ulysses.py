@@ -1,0 +1,82 @@
+"""Ulysses sequence parallelism (DeepSpeed-Ulysses, arXiv 2309.14509).
+
+Each rank of the sequence-parallel (SEP) group holds a chunk `[B, T/sep, ...]` of every activation.
+Around attention, one all-to-all turns q (and one more k and v together) from
+"sequence-sharded, all heads" into "full sequence, heads sharded", causal attention runs over the
+full sequence for `H/sep` heads, and a third all-to-all returns the output to sequence-sharded.
+Everything else in the model is token-local, so it needs no communication.
+"""
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split x into `world` chunks along scatter_dim, send chunk i to rank i, and concatenate what
+    arrives (in rank order) along gather_dim. One `all_to_all_single` (gloo and NCCL)."""
+    world = dist.get_world_size(group)
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all whose backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+def kv_heads_to_send(num_kv_heads: int, sep_size: int) -> int:
+    """How many kv heads go through the all-to-all: the kv heads as they are when they split evenly
+    over the group, else each replicated just enough to give every rank one (never up to all query
+    heads). Raises ValueError for layouts where neither holds."""
+    if num_kv_heads % sep_size == 0:
+        return num_kv_heads
+    if sep_size % num_kv_heads == 0:
+        return sep_size
+    raise ValueError(f"--num_key_value_heads {num_kv_heads} and --sep_size {sep_size}: one must "
+                     "divide the other for Ulysses sequence parallelism")
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
+                      attn_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                      ) -> torch.Tensor:
+    """q: [B, T/sep, H, D], k, v: [B, T/sep, Hkv, D], sequence-sharded over `group` (the SEP group,
+    chunk `sep_rank`), RoPE already applied with global positions.
+    attn_fn: causal attention on full-sequence tensors [B, T, h, D] (GQA allowed) -> [B, T, h, D].
+    Returns [B, T/sep, H, D], sequence-sharded like q.
+    """
+    sep = dist.get_world_size(group)
+    num_kv = k.shape[2]
+    send_kv = kv_heads_to_send(num_kv, sep)
+    if send_kv != num_kv:
+        # Rank i receives kv head i // (sep / Hkv): the one its query heads i*H/sep.. belong to.
+        k = k.repeat_interleave(send_kv // num_kv, dim=2)
+        v = v.repeat_interleave(send_kv // num_kv, dim=2)
+    q = all_to_all(q, group, scatter_dim=2, gather_dim=1)                       # [B, T, H/sep, D]
+    kv = all_to_all(torch.stack((k, v)), group, scatter_dim=3, gather_dim=2)    # [2, B, T, Hkv', D]
+    y = attn_fn(q, kv[0], kv[1])                                                # [B, T, H/sep, D]
+    return all_to_all(y, group, scatter_dim=1, gather_dim=2)                    # [B, T/sep, H, D]
+
+
+def apply_sequence_parallel(model: nn.Module, group) -> None:
+    """Make every attention module of `model` (any module with an `sp_group` attribute) run Ulysses
+    over `group`. The caller feeds each rank its sequence chunk and its global position ids."""
+    for module in model.modules():
+        if hasattr(module, "sp_group"):
+            module.sp_group = group

@@ -1,0 +1,4 @@
+from tinytron.model.config import ModelConfig
+from tinytron.model.gpt import GPT
+
+__all__ = ["GPT", "ModelConfig"]

@@ -1,0 +1,86 @@
+"""The GPT model: a pre-norm decoder with RoPE, RMSNorm, GQA attention, SwiGLU and a tied head.
+
+Read top to bottom: `Block` is one layer, `GPT` stacks them. The model knows nothing of data or
+parallelism; `tinytron.distributed` sets process groups on its attention (and MoE) modules.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from tinytron.model.config import ModelConfig
+from tinytron.model.modules.attn import Attention
+from tinytron.model.modules.emb import RotaryEmbedding
+from tinytron.model.modules.loss import cross_entropy_loss
+from tinytron.model.modules.mlp import MLP
+from tinytron.model.modules.norm import RMSNorm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, C] -> [B, T, C]."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layer))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tied_lm_head:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; the projections that write into the residual
+        stream get std / sqrt(2 * num_layer) so the residual variance stays O(1) with depth
+        (GPT-2). Norm weights start at 1. Uses the global torch RNG: seed it for reproducibility."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layer)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """idx: [B, T] token ids; targets: [B, T] (-100 = ignore); position_ids: [B or 1, T]
+        (default 0..T-1; a sequence-parallel rank passes its global positions).
+
+        Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
+        token cross-entropy over valid targets plus any auxiliary (MoE) loss.
+        """
+        if position_ids is None:
+            position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
+        cos, sin = self.rope(position_ids)
+        x = self.dropout(self.embed(idx))
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return logits, cross_entropy_loss(logits, targets) + self.aux_loss()
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """Sum of the auxiliary losses of the last forward (MoE load balancing; 0 for dense)."""
+        return sum((layer.mlp.aux_loss for layer in self.layers
+                    if getattr(layer.mlp, "aux_loss", None) is not None), 0.0)
