@@ -13,7 +13,7 @@ from tinytron.model.config import ModelConfig
 from tinytron.model.modules.attn import Attention
 from tinytron.model.modules.emb import RotaryEmbedding
 from tinytron.model.modules.loss import cross_entropy_loss
-from tinytron.model.modules.mlp import MLP
+from tinytron.model.modules.mlp import MLP, MoE
 from tinytron.model.modules.norm import RMSNorm
 
 
@@ -23,7 +23,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.use_moe else MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, T, C] -> [B, T, C]."""
@@ -56,7 +56,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
                 nn.init.normal_(p, 0.0, residual_std)
             else:
                 nn.init.normal_(p, 0.0, std)

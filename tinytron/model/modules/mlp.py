@@ -1,9 +1,13 @@
-"""Feed-forward layers: the SwiGLU MLP."""
+"""Feed-forward layers: the SwiGLU MLP and the dropless Mixture-of-Experts (MoE) layer."""
+
+import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tinytron.distributed.expert_parallel.comm import dispatch_and_combine
 from tinytron.model.config import ModelConfig
 
 
@@ -20,3 +24,157 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.dropout(self.down_proj(F.silu(gate) * up))
+
+
+def route(logits: torch.Tensor, k: int, softmax_before_topk: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits: [N, E] fp32 -> (weights [N, k], experts [N, k] int64, probs [N, E]).
+
+    probs is the softmax over all experts (what the load-balancing loss averages). The weights are
+    the softmax over the k selected logits, or with `softmax_before_topk` the top-k of probs
+    renormalised to sum to 1 (Mixtral / Qwen3-MoE with norm_topk_prob). The two are the same
+    numbers in exact arithmetic, exp(l_i) / sum_{j in top-k} exp(l_j), and pick the same experts
+    (softmax is monotonic), so the flag changes only rounding (and tie-breaking between logits
+    whose probabilities round equal); the aux loss uses the full softmax either way.
+    """
+    probs = logits.softmax(dim=-1)
+    if softmax_before_topk:
+        top_probs, experts = probs.topk(k, dim=-1)
+        weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    else:
+        top_logits, experts = logits.topk(k, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+    return weights, experts, probs
+
+
+def swiglu_experts_looped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                          counts: list[int]) -> torch.Tensor:
+    """x: [M, C] rows sorted by expert, counts[e] rows for expert e; gate_up: [E, C, 2I];
+    down: [E, I, C] -> [M, C]. One pair of matmuls per expert on its contiguous slice."""
+    out = []
+    for e, xe in enumerate(x.split(counts)):
+        gate, up = (xe @ gate_up[e]).chunk(2, dim=-1)
+        out.append((F.silu(gate) * up) @ down[e])
+    return torch.cat(out)
+
+
+def swiglu_experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                           counts: torch.Tensor) -> torch.Tensor:
+    """Same as `swiglu_experts_looped` with counts as an int64 tensor on x's device: two grouped
+    matmuls for all experts, no host sync."""
+    offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+    gate, up = F.grouped_mm(x, gate_up, offs=offs).chunk(2, dim=-1)
+    return F.grouped_mm(F.silu(gate) * up, down, offs=offs)
+
+
+def _grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Grouped GEMM kernels: bf16 on CUDA sm90+, rows aligned to 16 bytes (F.grouped_mm in torch
+    2.9+). It also runs on CPU, but there the per-expert loop is the tested default."""
+    return (hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights)))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in (the experts cast explicitly: grouped_mm is not
+    covered by autocast everywhere, and both expert paths must see the same inputs)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class MoE(nn.Module):
+    """Dropless top-k Mixture of SwiGLU experts. x: [B, T, C] -> [B, T, C].
+
+    Router: fp32 linear C -> E (autocast off), top-k experts per token (`route`). Experts are
+    stacked: gate_up_proj [E_local, C, 2I], down_proj [E_local, I, C], marked `is_expert` (their
+    gradients are complete within the EP group: the optimizer reduces them over DP only). The layer
+    is built with all E experts; `apply_expert_parallel` keeps this rank's slice and sets
+    `ep_group` (the SEP group), after which tokens travel to their experts' ranks by all-to-all.
+
+    After each forward:
+      aux_loss: scalar, this rank's share of the load-balancing (+ z-) loss of the micro-batch.
+        The statistics are taken over all tokens of the EP group, and every rank holds the part
+        coming from its own tokens, so the SUM over the EP/SEP group is the loss of the layer run
+        on all the group's tokens in one process, and so are the summed gradients (the trainer
+        sums gradients over SEP). To log the full value, all-reduce (SUM) it over the SEP group.
+      expert_load: [E] int64, detached, assignments per expert over the whole EP group.
+    Switch / Mixtral loss: aux = alpha * E * sum_i f_i * P_i, f_i = share of the N * k
+    (token, slot) assignments sent to expert i, P_i = mean over the N tokens of softmax prob i;
+    z-loss = beta * mean(logsumexp(logits)^2) (ST-MoE). alpha = 1 under uniform routing.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.softmax_before_topk = config.moe_router_softmax_before_topk
+        self.aux_loss_coeff = config.moe_aux_loss_coeff
+        self.z_loss_coeff = config.moe_z_loss_coeff
+        C, I, E = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.router = nn.Linear(C, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, C, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(E, I, C))
+        self.gate_up_proj.is_expert = self.down_proj.is_expert = True
+        self.dropout = nn.Dropout(config.dropout)
+        self.ep_group = None  # expert-parallel (SEP) group, or None: all experts local
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_load: torch.Tensor | None = None
+        # Same rule as GPT.reset_parameters (which redoes it by name inside a GPT): the down
+        # projection writes into the residual stream.
+        with torch.no_grad():
+            nn.init.normal_(self.router.weight, 0.0, config.init_std)
+            nn.init.normal_(self.gate_up_proj, 0.0, config.init_std)
+            nn.init.normal_(self.down_proj, 0.0, config.init_std / math.sqrt(2 * config.num_layer))
+
+    def _experts(self, x: torch.Tensor, counts: torch.Tensor,
+                 counts_host: list[int] | None = None) -> torch.Tensor:
+        """x: [M, C] sorted by local expert; counts: [E_local] int64 on x's device; counts_host:
+        the same as a list when already on the host -> [M, C]."""
+        gate_up, down = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+        if _grouped_mm_supported(x, gate_up, down):
+            return swiglu_experts_grouped(x, gate_up, down, counts)
+        return swiglu_experts_looped(x, gate_up, down,
+                                     counts.tolist() if counts_host is None else counts_host)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        k, E = self.top_k, self.num_experts
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.reshape(-1, C).float(), self.router.weight.float())    # [N, E]
+        weights, experts, probs = route(logits, k, self.softmax_before_topk)
+
+        # Sort the N * k (token, slot) assignments by expert; they are then also grouped by the
+        # EP rank that owns the expert. scatter_add, not bincount: no host sync on CUDA.
+        flat_experts = experts.flatten()
+        order = flat_experts.argsort(stable=True)
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat_experts, torch.ones_like(flat_experts))
+        x_sorted = x.reshape(-1, C).to(_compute_dtype(x))[order // k]                   # [N*k, C]
+        if self.ep_group is None:
+            y_sorted = self._experts(x_sorted, counts)
+        else:
+            y_sorted = dispatch_and_combine(x_sorted, counts, self.ep_group, self._experts)
+        # Back to (token, slot) order, then the routing-weighted sum over the k slots, in fp32.
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(-1, k, C)
+        out = (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+
+        self.aux_loss, self.expert_load = self._load_balancing(logits, probs, counts)
+        return self.dropout(out.view(B, T, C))
+
+    def _load_balancing(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits, probs: [N, E] fp32 of this rank's tokens; counts: [E] its assignments.
+        Returns (this rank's share of the aux loss, counts over the EP group)."""
+        counts = counts.clone()
+        if self.ep_group is not None:
+            dist.all_reduce(counts, group=self.ep_group)
+        total = counts.sum()                       # N * k over the group
+        num_tokens = total / self.top_k
+        f = counts / total                         # no gradient: counts are integers
+        # P_i over the group = (sum of every rank's prob sums) / num_tokens: each rank contributes
+        # its own sum, so the gradient reaches exactly the logits of its own tokens.
+        aux = self.aux_loss_coeff * self.num_experts * (f * probs.sum(dim=0)).sum() / num_tokens
+        if self.z_loss_coeff:
+            aux = aux + self.z_loss_coeff * logits.logsumexp(dim=-1).square().sum() / num_tokens
+        return aux, counts
