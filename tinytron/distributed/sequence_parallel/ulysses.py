@@ -38,6 +38,9 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Differentiable all-to-all over `group`: x.shape[scatter_dim] must divide by the group size;
+    the result has that dim divided and gather_dim multiplied by it. Backward: the reverse
+    all-to-all (gather_dim scattered, scatter_dim gathered)."""
     return _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
@@ -59,9 +62,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
     """q: [B, T/sep, H, D], k, v: [B, T/sep, Hkv, D], sequence-sharded over `group` (the SEP group,
     chunk `sep_rank`), RoPE already applied with global positions.
     attn_fn: causal attention on full-sequence tensors [B, T, h, D] (GQA allowed) -> [B, T, h, D].
-    Returns [B, T/sep, H, D], sequence-sharded like q.
+    Returns [B, T/sep, H, D], sequence-sharded like q. Raises ValueError unless H % sep == 0 and
+    Hkv, sep divide one another.
     """
     sep = dist.get_world_size(group)
+    if q.shape[2] % sep:
+        # Every rank must get the same number of whole query heads; raised identically on every
+        # rank before any collective, so no rank is left waiting in an all-to-all.
+        raise ValueError(f"--num_attention_heads {q.shape[2]} is not divisible by --sep_size {sep} "
+                         "for Ulysses sequence parallelism")
     num_kv = k.shape[2]
     send_kv = kv_heads_to_send(num_kv, sep)
     if send_kv != num_kv:

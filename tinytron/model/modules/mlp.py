@@ -67,12 +67,12 @@ def swiglu_experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.T
     return F.grouped_mm(F.silu(gate) * up, down, offs=offs)
 
 
-def _grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Grouped GEMM kernels: bf16 on CUDA sm90+, rows aligned to 16 bytes (F.grouped_mm in torch
-    2.9+). It also runs on CPU, but there the per-expert loop is the tested default."""
+def _grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Grouped GEMM kernels: bf16 on CUDA sm90+, every row (C, 2I, I wide) a multiple of 16 bytes
+    (F.grouped_mm, torch 2.9+). It also runs on CPU, but there the per-expert loop is the default."""
     return (hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights)))
+            and all(d * x.element_size() % 16 == 0 for d in (*gate_up.shape[1:], down.shape[1])))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -100,7 +100,9 @@ class MoE(nn.Module):
       expert_load: [E] int64, detached, assignments per expert over the whole EP group.
     Switch / Mixtral loss: aux = alpha * E * sum_i f_i * P_i, f_i = share of the N * k
     (token, slot) assignments sent to expert i, P_i = mean over the N tokens of softmax prob i;
-    z-loss = beta * mean(logsumexp(logits)^2) (ST-MoE). alpha = 1 under uniform routing.
+    z-loss = beta * mean(logsumexp(logits)^2) (ST-MoE). The aux loss equals alpha under uniform
+    routing. P_i uses the full softmax in both routing modes: with the top-k weights instead, P
+    would equal f for top-1 (weights all 1) and the loss would have no gradient.
     """
 
     def __init__(self, config: ModelConfig):

@@ -1,0 +1,149 @@
+"""Expert parallelism (ep 2) against all experts on every rank (ep 1) for a tiny MoE GPT.
+
+    torchrun --nproc_per_node 2 benchmarks/moe.py [--steps 10 --num_experts 8 ...]
+
+Every rank processes its own `--batch` sequences of `--seq_len` tokens in both layouts (so the
+same tokens per rank and the same expert FLOPs under balanced routing); only the MoE layers
+differ: ep 1 runs all experts locally, ep 2 keeps half of them per rank and moves tokens with the
+dispatch / combine all-to-alls. Attention stays local (no Ulysses) so the difference is the cost
+of expert parallelism alone. Timed: forward + backward of one step (loss = token cross-entropy +
+MoE aux loss), slowest rank, median over `--steps`. All-to-all bytes are counted on the wire:
+rows each rank sends to other ranks (its own chunk is a local copy), in forward and backward.
+Runs on CPU with gloo, or on CUDA with NCCL (one GPU per process). Timings on a shared machine are
+noisy: run it on otherwise idle cores.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from tinytron.distributed import parallel_state as ps
+from tinytron.distributed.expert_parallel import apply_expert_parallel
+from tinytron.model import GPT, ModelConfig
+from tinytron.model.modules.loss import cross_entropy_sum
+
+
+def count_a2a_bytes() -> list[int]:
+    """Wrap dist.all_to_all_single so that every call adds the bytes it sends to other ranks to the
+    returned one-element counter (exact for variable splits: the self chunk is not counted)."""
+    counter = [0]
+    real = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                 **kwargs):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
+        rows = input_split_sizes or [input.shape[0] // world] * world
+        counter[0] += (sum(rows) - rows[rank]) * row_bytes
+        return real(output, input, output_split_sizes, input_split_sizes, group=group, **kwargs)
+
+    dist.all_to_all_single = counting
+    return counter
+
+
+class Layout:
+    """The MoE model with experts split over `ep` ranks and this rank's batch; `step()` runs one
+    forward + backward and returns its time (s) on the slowest rank."""
+
+    def __init__(self, args, ep: int, device: torch.device):
+        state = ps.initialize_parallel_state(sep_size=ep)
+        self.config = ModelConfig(
+            block_size=args.seq_len, vocab_size=args.vocab_size, num_layer=args.num_layer,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads, hidden_size=args.hidden_size,
+            use_moe=True, num_experts=args.num_experts, num_experts_per_tok=args.top_k,
+            moe_intermediate_size=args.moe_intermediate_size)
+        torch.manual_seed(0)
+        self.model = GPT(self.config).to(device)
+        if ep > 1:
+            apply_expert_parallel(self.model, state.sep_group)
+        g = torch.Generator().manual_seed(dist.get_rank())
+        tokens = torch.randint(self.config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
+        self.idx, self.targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        self.num_tokens = args.batch * args.seq_len
+        self.device = device
+        self.name = f"ep {ep}"
+        self.expert_params = sum(p.numel() for p in self.model.parameters()
+                                 if getattr(p, "is_expert", False))
+
+    def step(self) -> float:
+        self.model.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        logits = self.model(self.idx)
+        (cross_entropy_sum(logits, self.targets) / self.num_tokens + self.model.aux_loss()).backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = torch.tensor([time.perf_counter() - t0], device=self.device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+        return elapsed.item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num_layer", type=int, default=4)
+    p.add_argument("--hidden_size", type=int, default=256)
+    p.add_argument("--num_attention_heads", type=int, default=8)
+    p.add_argument("--num_key_value_heads", type=int, default=4)
+    p.add_argument("--num_experts", type=int, default=8)
+    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--moe_intermediate_size", type=int, default=256)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
+    args = p.parse_args()
+
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+        machine = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} thread(s) per rank")
+    world = dist.get_world_size()
+    a2a_sent = count_a2a_bytes()
+    layouts = [Layout(args, ep, device) for ep in (1, world)]
+    times = {layout.name: [] for layout in layouts}
+    sent = {layout.name: [] for layout in layouts}
+    # Steps of the two layouts alternate, so a drift in machine load hits both alike.
+    for step in range(args.warmup + args.steps):
+        for layout in layouts:
+            a2a_sent[0] = 0
+            elapsed = layout.step()
+            if step >= args.warmup:
+                times[layout.name].append(elapsed)
+                sent[layout.name].append(a2a_sent[0])
+    if dist.get_rank() == 0:
+        print(f"machine: {machine}; torch {torch.__version__}; world {world} "
+              f"({dist.get_backend()}), fp32")
+        print(f"command: torchrun --nproc_per_node {world} benchmarks/moe.py "
+              f"{' '.join(sys.argv[1:])}")
+        print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} "
+              f"experts top-{args.top_k} of size {args.moe_intermediate_size}, vocab "
+              f"{args.vocab_size}; per rank {args.batch} x {args.seq_len} tokens\n")
+        print("| layout | expert params per rank | fwd+bwd median (ms) | tokens/s per rank | "
+              "all-to-all sent by rank 0 per step (MiB) |")
+        print("|---|---|---|---|---|")
+        for layout in layouts:
+            median = statistics.median(times[layout.name])
+            print(f"| {layout.name} | {layout.expert_params / 1e6:.2f} M | {1e3 * median:.0f} | "
+                  f"{layout.num_tokens / median:.0f} | "
+                  f"{statistics.mean(sent[layout.name]) / 2**20:.2f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Ulysses sequence parallelism (sep 2) against data parallelism (dp 2) at equal work.
+
+    torchrun --nproc_per_node 2 benchmarks/sep.py [--steps 10 --seq_len 1024 ...]
+
+Both layouts process the same global batch per step, `world` sequences of `--seq_len` tokens, so
+every rank handles the same number of tokens: dp 2 gives each rank one whole sequence; sep 2 gives
+each rank half of each of the two sequences, and attention runs over the full sequences through
+Ulysses all-to-alls. Timed: forward + backward of one step (the gradient all-reduce, identical in
+both layouts, is left out), the slowest rank's time per step, median over `--steps`. Prints a
+markdown table on rank 0. Runs on CPU with gloo, or on CUDA with NCCL (one GPU per process).
+Timings on a shared machine are noisy: run it on otherwise idle cores.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from tinytron.distributed import parallel_state as ps
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
+from tinytron.model import GPT, ModelConfig
+from tinytron.model.modules.loss import cross_entropy_sum
+
+
+def a2a_bytes_per_step(config: ModelConfig, batch: int, local_len: int, sep: int,
+                       elem_bytes: int) -> int:
+    """Bytes one rank sends to other ranks through Ulysses all-to-alls in one forward + backward.
+
+    Per layer and direction, three all-to-alls of [B, T/sep, heads, D] buffers: q (H heads), k and
+    v stacked (2 x kv heads as sent) and the attention output (H heads); each rank keeps 1/sep of
+    every buffer. The backward of each all-to-all is an all-to-all of the same size.
+    """
+    if sep == 1:
+        return 0
+    heads = 2 * config.num_attention_heads + 2 * kv_heads_to_send(config.num_key_value_heads, sep)
+    per_direction = config.num_layer * batch * local_len * heads * config.head_dim * elem_bytes
+    return 2 * per_direction * (sep - 1) // sep
+
+
+def count_a2a_bytes() -> list[int]:
+    """Wrap dist.all_to_all_single so that the bytes each call sends off-rank are added to the
+    returned one-element counter: checks the formula above against what the model really sends."""
+    counter = [0]
+    real = dist.all_to_all_single
+
+    def counting(output, input, *args, group=None, **kwargs):
+        world = dist.get_world_size(group)
+        counter[0] += input.numel() * input.element_size() * (world - 1) // world
+        return real(output, input, *args, group=group, **kwargs)
+
+    dist.all_to_all_single = counting
+    return counter
+
+
+class Layout:
+    """The model and this rank's batch for the world split as dp x sep; `step()` runs one
+    forward + backward and returns its time (s) on the slowest rank."""
+
+    def __init__(self, args, sep: int, device: torch.device):
+        state = ps.initialize_parallel_state(sep_size=sep)
+        batch = state.world_size // state.dp_size      # sequences per rank; global batch = world
+        local_len = args.seq_len // sep
+        self.config = ModelConfig(
+            block_size=args.seq_len, vocab_size=args.vocab_size, num_layer=args.num_layer,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads, hidden_size=args.hidden_size,
+            intermediate_size=args.intermediate_size)
+        torch.manual_seed(0)
+        self.model = GPT(self.config).to(device)
+        if sep > 1:
+            apply_sequence_parallel(self.model, state.sep_group)
+        # Sequences of this DP rank; this SEP rank's chunk of them, at its global positions.
+        g = torch.Generator().manual_seed(state.dp_rank)
+        tokens = torch.randint(self.config.vocab_size, (batch, args.seq_len + 1), generator=g)
+        start = state.sep_rank * local_len
+        self.idx = tokens[:, start:start + local_len].to(device)
+        self.targets = tokens[:, start + 1:start + local_len + 1].to(device)
+        self.position_ids = torch.arange(start, start + local_len, device=device)[None]
+        self.total_tokens = batch * args.seq_len
+        self.device = device
+        self.name = f"dp {state.dp_size} x sep {sep}"
+        self.shape = f"[{batch}, {local_len}]"
+        self.a2a_bytes = a2a_bytes_per_step(self.config, batch, local_len, sep, elem_bytes=4)
+
+    def step(self) -> float:
+        self.model.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        logits = self.model(self.idx, position_ids=self.position_ids)
+        (cross_entropy_sum(logits, self.targets) / self.total_tokens).backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = torch.tensor([time.perf_counter() - t0], device=self.device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+        return elapsed.item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num_layer", type=int, default=4)
+    p.add_argument("--hidden_size", type=int, default=256)
+    p.add_argument("--intermediate_size", type=int, default=768)
+    p.add_argument("--num_attention_heads", type=int, default=8)
+    p.add_argument("--num_key_value_heads", type=int, default=4)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
+    args = p.parse_args()
+
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+        machine = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} thread(s) per rank")
+    world = dist.get_world_size()
+    if args.seq_len % world:
+        p.error(f"--seq_len {args.seq_len} must be divisible by the world size {world}")
+    a2a_sent = count_a2a_bytes()
+    layouts = [Layout(args, sep, device) for sep in (1, world)]
+    times = {layout.name: [] for layout in layouts}
+    # Steps of the two layouts alternate, so a drift in machine load hits both alike.
+    for step in range(args.warmup + args.steps):
+        for layout in layouts:
+            a2a_sent[0] = 0
+            elapsed = layout.step()
+            assert a2a_sent[0] == layout.a2a_bytes, \
+                f"{layout.name}: all-to-all sent {a2a_sent[0]} B, formula {layout.a2a_bytes} B"
+            if step >= args.warmup:
+                times[layout.name].append(elapsed)
+    if dist.get_rank() == 0:
+        print(f"machine: {machine}; torch {torch.__version__}; world {world} "
+              f"({dist.get_backend()}), fp32")
+        print(f"command: torchrun --nproc_per_node {world} benchmarks/sep.py "
+              f"{' '.join(sys.argv[1:])}")
+        print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, heads "
+              f"{args.num_attention_heads} (kv {args.num_key_value_heads}), vocab "
+              f"{args.vocab_size}; global batch {world} x {args.seq_len} tokens\n")
+        print("| layout | tokens per rank [B, T] | fwd+bwd median (ms) | tokens/s | "
+              "all-to-all sent per rank per step (MiB) |")
+        print("|---|---|---|---|---|")
+        for layout in layouts:
+            median = statistics.median(times[layout.name])
+            print(f"| {layout.name} | {layout.shape} | {1e3 * median:.0f} | "
+                  f"{world * args.seq_len / median:.0f} | {layout.a2a_bytes / 2**20:.2f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

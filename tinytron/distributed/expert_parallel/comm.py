@@ -1,0 +1,117 @@
+"""Expert parallelism (EP) over the SEP group: dropless token dispatch with variable all-to-alls.
+
+The experts of every MoE layer are split over the EP group (the SEP group): rank r holds global
+experts [r * E_local, (r + 1) * E_local). Each rank routes its own tokens, sorts the (token, slot)
+assignments by global expert (which also sorts them by destination rank), and then:
+
+  1. exchanges per-expert counts (one small `all_to_all_single`) and reads the split sizes to the
+     host (the layer's one host sync),
+  2. sends every assignment's hidden state to the rank owning its expert (variable all-to-all),
+  3. runs its local experts on what it received, regrouped expert-major,
+  4. sends the results back (the reverse all-to-all); the source rank applies the routing weights.
+
+Every rank takes part in both all-to-alls even when it sends or receives nothing, so nobody hangs
+and every expert's gradient is defined (zero when it saw no token). Dropless: no capacity factor.
+"""
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _all_to_all_variable(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                         group) -> torch.Tensor:
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits,
+                           input_split_sizes=send_splits, group=group)
+    return out
+
+
+class _AllToAllVariable(torch.autograd.Function):
+    """Variable-split all-to-all whose backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        return _all_to_all_variable(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all_variable(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+
+
+def all_to_all_variable(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                        group) -> torch.Tensor:
+    """x: [sum(send_splits), ...] on this rank; rows [sum(send_splits[:r]), +send_splits[r]) go to
+    rank r of `group`. Returns [sum(recv_splits), ...]: what each rank sent here, in rank order.
+    Differentiable (the gradient takes the reverse route)."""
+    return _AllToAllVariable.apply(x, send_splits, recv_splits, group)
+
+
+def _transpose_chunks(x: torch.Tensor, sizes: list[int], rows: int, cols: int) -> torch.Tensor:
+    """x is `rows * cols` consecutive chunks along dim 0, chunk (i, j) at position i * cols + j with
+    sizes[i * cols + j] rows; return them in the order (j, i) (the transposed chunk grid)."""
+    if rows == 1 or cols == 1:
+        return x
+    chunks = x.split(sizes)
+    return torch.cat([chunks[i * cols + j] for j in range(cols) for i in range(rows)])
+
+
+def dispatch_and_combine(x: torch.Tensor, counts: torch.Tensor, group,
+                         expert_fn: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+                         ) -> torch.Tensor:
+    """Run this rank's routed assignments through the experts of the whole EP `group`.
+
+    x: [M, C] this rank's (token, slot) hidden states sorted by global expert id.
+    counts: [E] int64 (global experts), how many of the M rows go to each expert (sums to M).
+    expert_fn(x_local [M', C] sorted by local expert, local_counts [E_local] int64 on x's device,
+    the same counts as a host list) -> [M', C]: this rank's E / ep experts.
+    Returns [M, C]: the expert output for each row of x, same order. One host sync (split sizes).
+    """
+    ep = dist.get_world_size(group)
+    num_local = counts.numel() // ep
+    # recv_counts[r * E_local + e]: rows rank r sends to my local expert e.
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    host = torch.cat((counts, recv_counts)).tolist()  # the one host sync of the layer
+    send_host, recv_host = host[:counts.numel()], host[counts.numel():]
+    send_splits = [sum(send_host[r * num_local:(r + 1) * num_local]) for r in range(ep)]
+    recv_splits = [sum(recv_host[r * num_local:(r + 1) * num_local]) for r in range(ep)]
+    local_counts_host = [sum(recv_host[e::num_local]) for e in range(num_local)]
+
+    x = all_to_all_variable(x, send_splits, recv_splits, group)        # (source rank, expert)
+    x = _transpose_chunks(x, recv_host, ep, num_local)                 # (expert, source rank)
+    y = expert_fn(x, recv_counts.view(ep, num_local).sum(0), local_counts_host)
+    expert_major_sizes = [recv_host[r * num_local + e] for e in range(num_local) for r in range(ep)]
+    y = _transpose_chunks(y, expert_major_sizes, num_local, ep)        # (source rank, expert)
+    return all_to_all_variable(y, recv_splits, send_splits, group)
+
+
+def apply_expert_parallel(model: nn.Module, group) -> None:
+    """Split the experts of every MoE module of `model` over `group` (the SEP group).
+
+    An MoE module is any module with an `ep_group` attribute; its expert parameters are the ones
+    marked `is_expert`, stacked along dim 0 over all experts. Each keeps rows
+    [ep_rank * E_local, (ep_rank + 1) * E_local), so the full tensor is the concatenation over the
+    group in rank order (which the checkpoint relies on), and initialisation (done on the full
+    tensors) does not depend on the layout. Call it once, after building the model and before
+    creating the optimizer. Raises ValueError when the experts do not split evenly.
+    """
+    ep, ep_rank = dist.get_world_size(group), dist.get_rank(group)
+    for module in model.modules():
+        if not hasattr(module, "ep_group"):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not getattr(p, "is_expert", False):
+                continue
+            if p.shape[0] % ep:
+                raise ValueError(f"--num_experts {p.shape[0]} is not divisible by --sep_size {ep} "
+                                 "(expert parallelism)")
+            num_local = p.shape[0] // ep
+            local = nn.Parameter(p.detach()[ep_rank * num_local:(ep_rank + 1) * num_local].clone(),
+                                 requires_grad=p.requires_grad)
+            local.is_expert = True
+            setattr(module, name, local)
+        module.ep_group = group
