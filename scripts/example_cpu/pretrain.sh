@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Tiny Shakespeare with its byte-level BPE tokenizer (vocab 4096) on CPU: a ~2.6M-parameter
+# model, one process, a few minutes. DATA and TOKENIZER override the local paths.
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+source "$(dirname "$0")/../launch.sh"
+DATA=${DATA:-../shared/data/tinyshakespeare/input.txt}
+TOKENIZER=${TOKENIZER:-../shared/data/tinyshakespeare/tokenizer}
+HF_HUB_OFFLINE=1 launch pretrain_example.py \
+  --dataset "$DATA" --tokenizer "$TOKENIZER" --val_fraction 0.1 \
+  --device cpu --precision fp32 --exp_name example_cpu \
+  --num_layer 4 --hidden_size 192 --num_attention_heads 6 --num_key_value_heads 2 \
+  --intermediate_size 512 --vocab_size 4096 --block_size 256 --dropout 0.1 \
+  --seq_len 256 --batch_size 16 --total_batch_size 8192 \
+  --max_steps 400 --warmup_steps 40 --max_lr 2e-3 --min_lr 2e-4 --weight_decay 0.1 \
+  --val_every_steps 50 --save_every_steps 200 --num_workers 1 \
+  "$@"

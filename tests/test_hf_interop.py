@@ -1,0 +1,218 @@
+"""Hugging Face interop: logits parity with `transformers` after export, exact round trips,
+init_from_hf, clear refusals, and the export / generate command lines. CPU, fp32, offline."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tinytron.generate import generate_text, load_generator
+from tinytron.interop.hf import export_hf, init_from_hf, load_hf
+from tinytron.model import GPT, ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO.parent / "shared" / "data" / "tinyshakespeare" / "tokenizer"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+# init_std 0.1: logits of order 1, so a wrong mapping shows far above the 1e-4 tolerance.
+BASE = dict(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4, hidden_size=32,
+            intermediate_size=48, init_std=0.1, rope_theta=500.0, norm_eps=1e-5)
+MOE = dict(use_moe=True, num_experts=4, moe_intermediate_size=24)
+CASES = {
+    "mha_untied": dict(num_key_value_heads=4, tied_lm_head=False),
+    "gqa_tied": dict(num_key_value_heads=2, tied_lm_head=True),
+    "mqa_untied": dict(num_key_value_heads=1, tied_lm_head=False),
+    "moe_top1": dict(num_key_value_heads=2, num_experts_per_tok=1, **MOE),
+    "moe_top2": dict(num_key_value_heads=2, num_experts_per_tok=2, tied_lm_head=False,
+                     moe_router_softmax_before_topk=True, **MOE),
+}
+ARCH_FIELDS = ("block_size", "vocab_size", "num_layer", "num_attention_heads", "num_key_value_heads",
+               "hidden_size", "tied_lm_head", "rope_theta", "norm_eps", "use_moe")
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A random GPT whose norm weights are random too (they start at 1), so swapped norms show."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_parity_and_round_trip(case, tmp_path):
+    cfg = ModelConfig(**BASE, **CASES[case])
+    model = build(cfg)
+    export_hf(model, cfg, str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(hf).__name__ == ("MixtralForCausalLM" if cfg.use_moe else "LlamaForCausalLM")
+    idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert ours.abs().max() > 1.0  # the tolerance below is meaningful
+    assert (ours - theirs).abs().max() <= 1e-4
+    if cfg.use_moe:  # routing really spread tokens over experts
+        for layer in model.layers:
+            assert (layer.mlp.expert_load > 0).sum() > 1
+
+    back, back_cfg = load_hf(str(tmp_path))
+    assert_same_state(model.state_dict(), back.state_dict())
+    assert (back.lm_head.weight is back.embed.weight) == cfg.tied_lm_head
+    for name in ARCH_FIELDS + (("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+                               if cfg.use_moe else ("intermediate_size",)):
+        assert getattr(back_cfg, name) == getattr(cfg, name), name
+
+
+def test_bf16_sharded_moe_export(tmp_path):
+    """bf16 export split into many shards (Mixtral's per-expert on-disk layout): transformers and
+    load_hf both read back exactly the bf16-rounded weights."""
+    cfg = ModelConfig(**BASE, **CASES["moe_top2"])
+    model = build(cfg)
+    export_hf(model, cfg, str(tmp_path), dtype=torch.bfloat16, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+
+    back, _ = load_hf(str(tmp_path))
+    assert_same_state({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()},
+                      back.state_dict())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert (back(idx) - hf(idx).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["gqa_tied", "moe_top2"])
+def test_init_from_hf(case, tmp_path):
+    cfg = ModelConfig(**BASE, **CASES[case])
+    source = build(cfg, seed=0)
+    export_hf(source, cfg, str(tmp_path))
+    # block_size, dropout and init do not change the function: they may differ.
+    target = build(dataclasses.replace(cfg, block_size=16, dropout=0.1, init_std=0.02), seed=1)
+    pointers = {n: p.data_ptr() for n, p in target.named_parameters()}
+    init_from_hf(target, str(tmp_path))
+    assert_same_state(source.state_dict(), target.state_dict())
+    assert pointers == {n: p.data_ptr() for n, p in target.named_parameters()}  # copied in place
+
+    other = GPT(dataclasses.replace(cfg, rope_theta=10000.0))
+    with pytest.raises(ValueError, match=r"--rope_theta 10000.0 differs from config.json \(500.0\)"):
+        init_from_hf(other, str(tmp_path))
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(path: Path, fn) -> None:
+    state = load_file(str(path / "model.safetensors"))
+    fn(state)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: _edit_config(p, num_key_value_heads=3),
+     "num_key_value_heads 3 does not divide num_attention_heads 4"),
+    (lambda p: _edit_config(p, attention_bias=True), "attention_bias=true is not supported"),
+    (lambda p: _edit_config(p, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+     "rope scaling 'linear' is not supported"),
+    (lambda p: _edit_config(p, hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (lambda p: _edit_config(p, model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (lambda p: _edit_weights(p, lambda s: s.pop("model.layers.0.self_attn.q_proj.weight")),
+     "missing tensor model.layers.0.self_attn.q_proj.weight"),
+    (lambda p: _edit_weights(p, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(8, 32)})),
+     r"tensor model.layers.1.mlp.up_proj.weight has shape \(8, 32\), the config implies \(48, 32\)"),
+    (lambda p: _edit_weights(p, lambda s: s.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(8)})),
+     "unexpected tensor model.layers.0.self_attn.q_norm.weight"),
+])
+def test_import_refusals(edit, message, tmp_path):
+    cfg = ModelConfig(**BASE, **CASES["gqa_tied"])
+    export_hf(build(cfg), cfg, str(tmp_path))
+    edit(tmp_path)
+    with pytest.raises(ValueError, match=message) as err:
+        load_hf(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def _greedy(model: GPT, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Reference greedy decoding with our model, no cache: the full sequence every step."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids + out]))[0, -1]
+            top2 = logits.topk(2).values
+            assert top2[0] - top2[1] > 1e-4  # no near-tie: fp differences cannot flip the argmax
+            out.append(int(logits.argmax()))
+            if out[-1] == eos:
+                break
+    return out
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_export_and_generate(tmp_path):
+    """A checkpoint written in the Trainer's format -> `python -m tinytron.export` -> a folder that
+    transformers loads (model and tokenizer) -> `python -m tinytron.generate` prints the greedy
+    continuation our own model computes, from the HF folder and from the checkpoint alike."""
+    cfg = ModelConfig(**{**BASE, "vocab_size": 4096}, **CASES["gqa_tied"])
+    model = build(cfg)
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    torch.save(model.state_dict(), step / "model.pt")
+    torch.save({"step": 10, "config": {"model": dataclasses.asdict(cfg)}}, step / "meta.pt")
+    (step / "COMPLETE").write_text("10\n")
+    (run / "checkpoints" / "step_00000020").mkdir()  # newer but incomplete: must be ignored
+
+    out = tmp_path / "hf"
+    r = _cli("tinytron.export", "--checkpoint", str(run), "--out", str(out), "--tokenizer", str(TOKENIZER))
+    assert r.returncode == 0, r.stderr
+    assert "exported step 10" in r.stdout
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert hf.generation_config.eos_token_id == tokenizer.eos_token_id == 0
+    assert_same_state(model.state_dict(), load_hf(str(out))[0].state_dict())
+
+    prompt = "ROMEO:"
+    expected = prompt + tokenizer.decode(_greedy(model, tokenizer(prompt).input_ids, 8, 0),
+                                         skip_special_tokens=True)
+    for source in (["--checkpoint", str(out)], ["--checkpoint", str(step), "--tokenizer", str(TOKENIZER)]):
+        r = _cli("tinytron.generate", *source, "--prompt", prompt, "--temperature", "0",
+                 "--max_new_tokens", "8", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.rstrip("\n") == expected
+
+    for bad in (tmp_path / "nowhere", run / "checkpoints" / "step_00000020"):
+        r = _cli("tinytron.export", "--checkpoint", str(bad), "--out", str(tmp_path / "x"))
+        assert r.returncode != 0
+        assert r.stderr.strip().startswith("error: --checkpoint") and "\n" not in r.stderr.strip()
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_text_sampling_is_seeded():
+    cfg = ModelConfig(**{**BASE, "vocab_size": 4096}, **CASES["moe_top2"])
+    hf, tokenizer = load_generator(build(cfg), str(TOKENIZER), device="cpu")
+    rng = torch.get_rng_state()
+    a = generate_text(hf, tokenizer, "To be", max_new_tokens=12, seed=3)
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG is untouched
+    assert a == generate_text(hf, tokenizer, "To be", max_new_tokens=12, seed=3)
+    assert len(a) > 0

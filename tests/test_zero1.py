@@ -1,0 +1,390 @@
+"""DistributedOptimizer (ZeRO-1 and its shard=False data-parallel path) against ONE process running
+plain torch.optim.AdamW (torch.nn.utils.clip_grad_norm_) on the same global batch.
+
+The toy model has dense params (a square weight shared by two modules, a bias, a gain: 33
+elements, divisible by neither 2 nor 4) and stacked experts marked `is_expert`. The world is
+dp x sep (tinytron's parallel_state); SEP rank s holds experts [s*E/sep, (s+1)*E/sep). Rank
+(d, s) takes, from each micro-batch, the tokens of DP part d routed to its experts, with loss
+sum(token losses) * dp / (accum * tokens): the reduction (SUM over the world for dense params, over
+the DP group for experts, times grad_scale = 1/dp) is then exactly the global-batch mean gradient.
+
+Tolerance: 1e-6 relative (norm-wise) across layouts. The only differences from the reference are
+fp32 summation orders (per-rank partial sums, the grad norm over shards instead of per tensor):
+~1e-7 relative on grads, which Adam's normalised update carries through 10 steps at lr <= 1e-2.
+Resumed runs at the same layout must be bitwise equal.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tests.dist_helper import run_distributed
+from tinytron.distributed.parallel_state import initialize_parallel_state
+from tinytron.distributed.zero1 import DistributedOptimizer
+from tinytron.distributed.zero1.distributed_optimizer import CHECKPOINT_FILE
+
+D, NUM_EXPERTS, TOKENS, STEPS = 5, 4, 16, 10
+LRS = (1e-2, 3e-3)                  # decay group, no-decay group
+TINY_BUCKET_MB = 8 * 4 / 2**20      # 8 fp32 elements: several buckets, most params alone in one
+CLIP = 0.05                         # below every step's grad norm: clipping is active
+CONFIGS = [dict(accum=1, max_norm=0.0, bucket_size_mb=40.0),
+           dict(accum=2, max_norm=CLIP, bucket_size_mb=TINY_BUCKET_MB)]
+
+
+class Toy(nn.Module):
+    def __init__(self, num_local_experts: int):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.out = nn.Linear(D, D, bias=False)
+        self.out.weight = self.inp.weight           # tied: must appear once in the buffers
+        self.gain = nn.Parameter(torch.ones(3))
+        self.experts = nn.Parameter(torch.empty(num_local_experts, D, D))
+        self.experts.is_expert = True
+
+    def token_losses(self, x, y, expert):
+        """x, y: [M, D]; expert: [M] local expert index -> [M] squared errors."""
+        z = torch.einsum("md,mde->me", torch.tanh(self.inp(x)), self.experts[expert])
+        return (self.out(z) * self.gain.sum() - y).square().sum(-1)
+
+
+def global_params() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"inp.weight": torch.randn(D, D, generator=g) * 0.5,
+            "inp.bias": torch.randn(D, generator=g) * 0.5,
+            "gain": 1 + 0.1 * torch.randn(3, generator=g),
+            "experts": torch.randn(NUM_EXPERTS, D, D, generator=g) * 0.5}
+
+
+def local_model(params: dict[str, torch.Tensor], sep_rank: int, sep: int) -> Toy:
+    """The model of SEP rank sep_rank from global (all-experts) params."""
+    model = Toy(NUM_EXPERTS // sep)
+    local = dict(params, experts=params["experts"].chunk(sep)[sep_rank])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(local[name])
+    return model
+
+
+def global_of(model: Toy, sep_group) -> dict[str, torch.Tensor]:
+    """The model's params with experts gathered over the SEP group (global index)."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if sep_group is not None:
+        parts = [torch.empty_like(out["experts"]) for _ in range(dist.get_world_size(sep_group))]
+        dist.all_gather(parts, out["experts"], group=sep_group)
+        out["experts"] = torch.cat(parts)
+    return out
+
+
+def make_optimizer(model: Toy, kind: str = "adamw") -> torch.optim.Optimizer:
+    groups = [{"params": [model.inp.weight, model.experts], "weight_decay": 0.1, "lr": LRS[0]},
+              {"params": [model.inp.bias, model.gain], "weight_decay": 0.0, "lr": LRS[1]}]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+
+
+def set_lr(param_groups, step: int) -> None:
+    """A scheduler: every group's lr changes every step."""
+    for base, group in zip(LRS, param_groups):
+        group["lr"] = base * (1 - step / (2 * STEPS))
+
+
+def batch(step: int, micro: int):
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    return (torch.randn(TOKENS, D, generator=g), torch.randn(TOKENS, D, generator=g),
+            torch.randint(NUM_EXPERTS, (TOKENS,), generator=g))
+
+
+def micro_loss(model: Toy, step, micro, accum, dp_rank=0, dp=1, sep_rank=0, sep=1):
+    """This rank's loss on micro-batch `micro`: its DP part, tokens of its local experts."""
+    x, y, expert = batch(step, micro)
+    per_rank = NUM_EXPERTS // sep
+    part = torch.arange(TOKENS).chunk(dp)[dp_rank]
+    idx = part[expert[part] // per_rank == sep_rank]
+    losses = model.token_losses(x[idx], y[idx], expert[idx] - sep_rank * per_rank)
+    return losses.sum() * (dp / (accum * TOKENS))
+
+
+def reference(steps: int, accum: int, max_norm: float, kind: str = "adamw",
+              params: dict | None = None):
+    """One process, all experts, plain torch optimizer. Returns (params, norms, optimizer, model)."""
+    model = local_model(params or global_params(), 0, 1)
+    opt = make_optimizer(model, kind)
+    norms = []
+    for step in range(steps):
+        set_lr(opt.param_groups, step)
+        opt.zero_grad()
+        for micro in range(accum):
+            micro_loss(model, step, micro, accum).backward()
+        if max_norm > 0:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms, opt, model
+
+
+def wrap(model, opt, state, shard=True, bucket_size_mb=40.0):
+    """The trainer's wiring: dense over the world, experts over DP, grads averaged over DP."""
+    return DistributedOptimizer(
+        opt, dist.group.WORLD if state else None,
+        expert_process_group=state.dp_group if state else None,
+        expert_parallel_group=state.sep_group if state else None,
+        grad_scale=1 / state.dp_size if state else None, shard=shard,
+        bucket_size_mb=bucket_size_mb, param_names=model.named_parameters())
+
+
+def train(model, zero, state, steps, accum, max_norm):
+    """Run `steps` (a range) optimizer steps; returns the grad norms (if clipping)."""
+    dp_rank, dp, sep_rank, sep = ((state.dp_rank, state.dp_size, state.sep_rank, state.sep_size)
+                                  if state else (0, 1, 0, 1))
+    norms = []
+    for step in steps:
+        set_lr(zero.param_groups, step)
+        zero.zero_grad()
+        for micro in range(accum):
+            micro_loss(model, step, micro, accum, dp_rank, dp, sep_rank, sep).backward()
+        zero.reduce_gradients()
+        if max_norm > 0:
+            norms.append(zero.clip_grad_norm(max_norm))
+        zero.step()
+    return norms
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_params_close(got: dict, want: dict, tol: float = 1e-6) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert rel(got[name], want[name]) <= tol, (name, rel(got[name], want[name]))
+
+
+# ---- parity ------------------------------------------------------------------------------------
+
+def _parity_worker(with_sgd: bool):
+    results = {}
+    for sep in (1, 2):
+        state = initialize_parallel_state(sep)
+        for shard in (True, False):
+            for ci, cfg in enumerate(CONFIGS):
+                model = local_model(global_params(), state.sep_rank, sep)
+                zero = wrap(model, make_optimizer(model), state, shard, cfg["bucket_size_mb"])
+                norms = train(model, zero, state, range(STEPS), cfg["accum"], cfg["max_norm"])
+                state_bytes = sum(v.nbytes for st in zero.optimizer.state.values()
+                                  for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+                results[sep, shard, ci] = (global_of(model, state.sep_group), norms, state_bytes)
+        if with_sgd:   # any element-wise torch optimizer, not only AdamW
+            model = local_model(global_params(), state.sep_rank, sep)
+            zero = wrap(model, make_optimizer(model, "sgd"), state)
+            train(model, zero, state, range(STEPS), 1, 0.0)
+            results[sep, "sgd"] = global_of(model, state.sep_group)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parity_with_single_process_adamw(world):
+    per_rank = run_distributed(_parity_worker, world, world == 2)
+    numel = sum(p.numel() for p in global_params().values())
+    for ci, cfg in enumerate(CONFIGS):
+        want, want_norms, _, _ = reference(STEPS, cfg["accum"], cfg["max_norm"])
+        if cfg["max_norm"]:
+            assert min(want_norms) > CLIP   # clipping really happened
+        for sep in (1, 2):
+            for shard in (True, False):
+                for rank, res in enumerate(per_rank):
+                    got, norms, state_bytes = res[sep, shard, ci]
+                    assert_params_close(got, want)
+                    assert len(norms) == len(want_norms)
+                    for n, w in zip(norms, want_norms):
+                        assert rel(n, w) <= 1e-6
+                    # exp_avg + exp_avg_sq, fp32: dense params over the world, local experts
+                    # over the DP group; sharded: 1/N of each, plus < 1 element per bucket of
+                    # padding (bounded here by one tiny bucket).
+                    dense, experts = numel - NUM_EXPERTS * D * D, NUM_EXPERTS // sep * D * D
+                    if shard:
+                        bound = 8 * (dense / world + experts / (world // sep)) + 8 * 8
+                        assert state_bytes <= bound, (rank, state_bytes, bound)
+                    else:
+                        assert state_bytes == 8 * (dense + experts)
+    if world == 2:
+        want, _, _, _ = reference(STEPS, 1, 0.0, "sgd")
+        for res in per_rank:
+            for sep in (1, 2):
+                assert_params_close(res[sep, "sgd"], want)
+
+
+# ---- state save / load -------------------------------------------------------------------------
+
+HALF = STEPS // 2
+RESUME = dict(accum=2, max_norm=CLIP)
+
+
+def fresh_optimizer(model: Toy) -> torch.optim.Optimizer:
+    """A new optimizer whose hyper-parameters differ from the run's: loading must restore them."""
+    opt = make_optimizer(model)
+    opt.param_groups[0].update(weight_decay=0.5, betas=(0.8, 0.9))
+    return opt
+
+
+def resume(params: dict, state, ckpt_dir: str, shard: bool = True) -> dict:
+    """Load the optimizer from ckpt_dir into a fresh wrapper around a model holding `params`,
+    run steps HALF..STEPS; returns the global params."""
+    model = local_model(params, state.sep_rank if state else 0, state.sep_size if state else 1)
+    zero = wrap(model, fresh_optimizer(model), state, shard, TINY_BUCKET_MB)
+    zero.load(ckpt_dir)
+    train(model, zero, state, range(HALF, STEPS), **RESUME)
+    return global_of(model, state.sep_group if state else None)
+
+
+def _resume_worker(sep: int, ckpt_dir: str, other: tuple | None):
+    """At this layout, for shard True/False: run HALF steps, save, run on (uninterrupted), and
+    resume from the save. `other`: (params at HALF, checkpoint dir) of a run at another world size
+    to resume from too."""
+    state = initialize_parallel_state(sep)
+    out = {}
+    for shard in (True, False):
+        model = local_model(global_params(), state.sep_rank, sep)
+        zero = wrap(model, make_optimizer(model), state, shard, TINY_BUCKET_MB)
+        train(model, zero, state, range(HALF), **RESUME)
+        save_dir = os.path.join(ckpt_dir, f"shard{shard}")
+        zero.save(save_dir)
+        half = global_of(model, state.sep_group)
+        train(model, zero, state, range(HALF, STEPS), **RESUME)
+        out[shard] = dict(half=half, state_dict=zero.state_dict() if shard else None,
+                          saved=torch.load(os.path.join(save_dir, CHECKPOINT_FILE),
+                                           weights_only=True),
+                          uninterrupted=global_of(model, state.sep_group),
+                          resumed=resume(half, state, save_dir, shard))
+    if other is not None:
+        out["from_other"] = resume(other[0], state, other[1])
+    return out
+
+
+def assert_state_matches_reference(saved: dict, ref_opt, ref_model) -> None:
+    """The layout-independent state (names, full shapes, global expert index) equals plain
+    AdamW's after the same steps."""
+    names = {p: n for n, p in ref_model.named_parameters()}
+    for group, ref_group in zip(saved["param_groups"], ref_opt.param_groups):
+        assert group["params"] == [names[p] for p in ref_group["params"]]
+        assert {k: v for k, v in group.items() if k != "params"} == \
+            {k: v for k, v in ref_group.items() if k != "params"}
+    assert saved["state"].keys() == set(names.values())
+    for p, ref_state in ref_opt.state.items():
+        got = saved["state"][names[p]]
+        assert got.keys() == ref_state.keys()
+        assert torch.equal(got["step"], ref_state["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert got[key].shape == p.shape
+            assert rel(got[key], ref_state[key]) <= 1e-6, (names[p], key)
+
+
+def test_state_save_load_across_world_sizes():
+    want, _, ref_opt, ref_model = reference(STEPS, **RESUME)
+    _, _, half_opt, half_model = reference(HALF, **RESUME)
+    with tempfile.TemporaryDirectory() as tmp:
+        # World 2 = dp 1 x sep 2: dense params sharded over 2, experts unsharded (DP group of 1).
+        w2 = run_distributed(_resume_worker, 2, 2, os.path.join(tmp, "w2"), None)
+        w2_ckpt = (w2[0][True]["half"], os.path.join(tmp, "w2", "shardTrue"))
+        # World 4 = dp 2 x sep 2: experts sharded over DP too; resumes the world-2 checkpoint.
+        w4 = run_distributed(_resume_worker, 4, 2, os.path.join(tmp, "w4"), w2_ckpt)
+        # World 1, no torch.distributed: all experts local.
+        w1 = resume(w2_ckpt[0], None, w2_ckpt[1])
+    for rank_out in w2 + w4:
+        for shard in (True, False):
+            run = rank_out[shard]
+            assert_params_close(run["uninterrupted"], want)
+            for name in want:   # same layout: bitwise
+                assert torch.equal(run["resumed"][name], run["uninterrupted"][name]), name
+            assert_state_matches_reference(run["saved"], half_opt, half_model)
+        # After the last step too (not only what save() wrote), from every rank.
+        assert_state_matches_reference(rank_out[True]["state_dict"], ref_opt, ref_model)
+    for rank_out in w4:
+        assert_params_close(rank_out["from_other"], want)
+    assert_params_close(w1, want)
+
+
+# ---- without torch.distributed -----------------------------------------------------------------
+
+def test_no_process_group_is_the_wrapped_optimizer():
+    want, _, _, _ = reference(3, accum=2, max_norm=0.0)
+    model = local_model(global_params(), 0, 1)
+    zero = wrap(model, make_optimizer(model), None)
+    train(model, zero, None, range(3), accum=2, max_norm=0.0)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, want[name]), name   # bitwise: nothing but views changed
+
+    model.zero_grad()   # set_to_none: backward would write grads outside the flat buffer
+    micro_loss(model, 0, 0, 1).backward()
+    with pytest.raises(RuntimeError, match="flat grad buffer"):
+        zero.reduce_gradients()
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def _bad_input_worker():
+    rank = dist.get_rank()
+    state = initialize_parallel_state(1)
+    singletons = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    errors = {}
+
+    def expect(label, match, build):
+        with pytest.raises(ValueError, match=match) as info:
+            build()
+        errors[label] = str(info.value)
+
+    def model_and_opt(extra=0):
+        model = local_model(global_params(), 0, 1)
+        if extra:
+            model.extra = nn.Parameter(torch.zeros(extra))
+        return model, make_optimizer(model)
+
+    def unnamed():
+        model, opt = model_and_opt()
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+        wrap(model, opt, state)
+    expect("unnamed", "not among the named parameters", unnamed)
+
+    def frozen():
+        model, opt = model_and_opt()
+        model.gain.requires_grad_(False)
+        wrap(model, opt, state)
+    expect("frozen", "gain has requires_grad=False", frozen)
+
+    def not_member():
+        model, opt = model_and_opt()
+        DistributedOptimizer(opt, singletons[1 - rank], param_names=model.named_parameters())
+    expect("not_member", "not a member of the process_group", not_member)
+
+    def expert_outside():
+        model, opt = model_and_opt()
+        DistributedOptimizer(opt, singletons[rank], expert_process_group=dist.group.WORLD,
+                             param_names=model.named_parameters())
+    expect("expert_outside", "expert_process_group has ranks outside", expert_outside)
+
+    def mismatch():   # rank 1's model has one more parameter
+        model = local_model(global_params(), 0, 1)
+        if rank == 1:
+            model.extra = nn.Parameter(torch.zeros(3))
+        opt = torch.optim.AdamW(model.parameters())
+        wrap(model, opt, state)
+    expect("mismatch", "ranks of process_group disagree", mismatch)
+
+    def wrong_names():
+        model, opt = model_and_opt()
+        zero = wrap(model, opt, state)
+        saved = zero.state_dict()
+        saved["param_groups"][0]["params"] = ["inp.weight", "nonexistent"]
+        zero.load_state_dict(saved)
+    expect("wrong_names", "do not hold the same parameter names", wrong_names)
+    return errors
+
+
+def test_bad_input_raises_one_line_value_error():
+    for errors in run_distributed(_bad_input_worker, 2):
+        assert len(errors) == 6
+        for label, message in errors.items():
+            assert "\n" not in message, label

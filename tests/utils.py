@@ -1,0 +1,31 @@
+"""Shared helpers for trainer-level tests: a tiny fp32 CPU config and log readers."""
+
+import os
+
+from tinytron.training.arguments import build_parser, config_from_args
+
+TINY_FLAGS = [
+    "--device", "cpu", "--precision", "fp32", "--use_mock_data", "--num_workers", "0",
+    "--num_layer", "2", "--hidden_size", "32", "--num_attention_heads", "4", "--num_key_value_heads", "2",
+    "--intermediate_size", "64", "--vocab_size", "64", "--block_size", "16",
+    "--seq_len", "16", "--batch_size", "2", "--total_batch_size", "128",
+    "--max_steps", "8", "--warmup_steps", "2", "--max_lr", "1e-2", "--min_lr", "1e-3",
+    "--mock_data_num_samples", "256", "--val_every_steps", "4", "--save_every_steps", "4",
+]
+
+
+def tiny_config(log_dir: str, *flags: str):
+    """Config of a 2-layer model on mock data; later flags override earlier ones."""
+    return config_from_args(build_parser().parse_args(TINY_FLAGS + ["--log_dir", str(log_dir), *flags]))
+
+
+def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
+    """{step: loss} of log.txt lines `<step> <kind> <loss>`; asserts each step appears once."""
+    out = {}
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        for line in f:
+            step, k, value = line.split()[:3]
+            if k == kind:
+                assert int(step) not in out, f"step {step} logged twice"
+                out[int(step)] = float(value)
+    return out

@@ -1,0 +1,370 @@
+"""ZeRO-1 (Rajbhandari et al., arXiv 1910.02054, stage 1): every rank keeps the optimizer state of
+only its 1/N shard of the parameters.
+
+One optimizer step, N = size of the group a parameter is reduced over:
+
+    backward(s)        grads accumulate in place into a flat grad buffer (see grad_buffer.py)
+    reduce_gradients   reduce-scatter (SUM) each bucket: rank r gets the summed grads of shard r;
+                       multiply by grad_scale (e.g. 1/dp: mean over data-parallel replicas)
+    clip_grad_norm     global norm from each rank's shard, ONE scalar all-reduce, scale the shard
+    step               the wrapped optimizer updates only this rank's shard of the params
+                       (its state exists only for that shard), then all-gather each bucket
+
+A reduce-scatter plus an all-gather move the same bytes as the all-reduce of plain data
+parallelism, so sharding the state costs no extra communication. With shard=False the same
+buffers are all-reduced and every rank steps every parameter (plain data parallelism, no torch
+DDP).
+
+Two kinds of parameters (the `is_expert` attribute tells them apart):
+  dense  - the same on every rank: reduced and sharded over `process_group` (the whole world,
+           dp x sep ranks);
+  expert - stacked MoE expert weights, different on each expert-parallel (SEP) rank: reduced and
+           sharded over `expert_process_group` (the DP group), whose replicas hold the same experts.
+
+The wrapped optimizer is any torch optimizer that updates each element from that element's
+gradient and state alone (AdamW, SGD, Adam, Lion...): it is handed 1-D shard pieces. Optimizers
+that need a parameter's shape (Muon, Shampoo, Adafactor) must use shard=False.
+"""
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tinytron.distributed.zero1.grad_buffer import FlatBuffer, all_gather, group_rank, group_size
+
+CHECKPOINT_FILE = "optimizer.pt"
+
+
+class DistributedOptimizer:
+    """Wraps an already-constructed torch optimizer; see the module docstring.
+
+    Args:
+        optimizer: its param groups (and their hyper-parameters) are kept; each group's params are
+            replaced by this rank's shard pieces (1-D nn.Parameter views into the flat param
+            buffer, `.grad` a view into the flat grad buffer), and its state is cleared.
+        process_group: the group dense params are reduced and sharded over (the trainer passes the
+            world). None (or a group of size 1): no communication at all.
+        expert_process_group: the group `is_expert` params are reduced and sharded over (the DP
+            group); a subgroup of process_group. Default: process_group.
+        expert_parallel_group: the group across which expert params differ (the SEP group); the
+            full expert tensor is the concatenation, along dim 0 in rank order, of the local ones.
+            Used only to save and load optimizer state. Default: none (all experts local).
+        grad_scale: reduced grads are multiplied by it. Default 1 / size(process_group).
+        shard: False = plain data parallelism (all-reduce, full optimizer state on every rank).
+        bucket_size_mb: most bytes per collective (a bigger parameter gets a bucket of its own).
+        param_names: {param: name} or an iterable of (name, param) such as
+            model.named_parameters(); names key the saved state. Default: the optimizer's own
+            'param_names', else "<group>.<index>".
+
+    Construction is collective over process_group. Construct after the model is on its final
+    device and dtype: the model's params become views into the flat buffers.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, process_group=None, *,
+                 expert_process_group=None, expert_parallel_group=None,
+                 grad_scale: float | None = None, shard: bool = True,
+                 bucket_size_mb: float = 40.0, param_names=None):
+        if process_group is None and (expert_process_group is not None
+                                      or expert_parallel_group is not None):
+            raise ValueError("expert process groups were given without a process_group")
+        for label, group in (("process_group", process_group),
+                             ("expert_process_group", expert_process_group),
+                             ("expert_parallel_group", expert_parallel_group)):
+            if group is not None and group_rank(group) < 0:
+                raise ValueError(f"this rank (global rank {dist.get_rank()}) is not a member of "
+                                 f"the {label}")
+        if expert_process_group is None:
+            expert_process_group = process_group
+        elif not (set(dist.get_process_group_ranks(expert_process_group))
+                  <= set(dist.get_process_group_ranks(process_group))):
+            raise ValueError("expert_process_group has ranks outside process_group")
+        if bucket_size_mb <= 0:
+            raise ValueError(f"bucket_size_mb {bucket_size_mb} must be positive")
+
+        self.optimizer = optimizer
+        self.process_group = process_group
+        self.expert_parallel_group = expert_parallel_group
+        self.grad_scale = 1.0 / group_size(process_group) if grad_scale is None else grad_scale
+        self._names = _resolve_names(optimizer, param_names)
+        params = list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
+        for p in params:
+            if p not in self._names:
+                raise ValueError(f"optimizer parameter of shape {tuple(p.shape)} is not among the "
+                                 "named parameters")
+            if not p.requires_grad:
+                raise ValueError(f"optimizer parameter {self._names[p]} has requires_grad=False")
+        self._check_same_layout(params, shard, bucket_size_mb)
+
+        self._buffers: list[FlatBuffer] = []
+        self._expert_buffer: FlatBuffer | None = None
+        buffer_of: dict[nn.Parameter, FlatBuffer] = {}
+        for is_expert, group in ((False, process_group), (True, expert_process_group)):
+            members = [p for p in params if getattr(p, "is_expert", False) == is_expert]
+            if not members:
+                continue
+            bucket_numel = max(1, int(bucket_size_mb * 2**20) // members[0].element_size())
+            buf = FlatBuffer(members, group, bucket_numel, shard)
+            if buf.size > 1:   # replicas start identical, as with torch DDP
+                dist.broadcast(buf.param_data, src=dist.get_global_rank(group, 0), group=group)
+            self._buffers.append(buf)
+            buffer_of.update(dict.fromkeys(members, buf))
+            if is_expert:
+                self._expert_buffer = buf
+
+        # Hand the optimizer, group by group, what this rank updates: the shard piece of each
+        # param of a sharded buffer (if it has one), else the param itself.
+        self._group_names = [[self._names[p] for p in g["params"]] for g in optimizer.param_groups]
+        self._owner: dict[nn.Parameter, tuple[nn.Parameter, int]] = {}  # stepped -> (param, start)
+        pieces = {p: rng for buf in self._buffers if buf.sharded
+                  for p, rng in buf.local_pieces().items()}
+        for group in optimizer.param_groups:
+            stepped = []
+            for p in group["params"]:
+                buf = buffer_of[p]
+                if not buf.sharded:
+                    self._owner[p] = (p, 0)
+                    stepped.append(p)
+                elif p in pieces:
+                    lo, hi = pieces[p]
+                    piece = nn.Parameter(buf.param_data[lo:hi])
+                    piece.grad = buf.grad_data[lo:hi]
+                    self._owner[piece] = (p, lo - buf.offsets[p])
+                    stepped.append(piece)
+            group["params"] = stepped
+            if "param_names" in group:
+                group["param_names"] = [self._names[self._owner[q][0]] for q in stepped]
+        optimizer.state.clear()
+
+    def _check_same_layout(self, params, shard, bucket_size_mb) -> None:
+        """Every rank of process_group must build the same buffers, or the bucket collectives
+        would silently mix unrelated elements."""
+        if group_size(self.process_group) == 1:
+            return
+        layout = ([(self._names[p], tuple(p.shape), p.dtype, getattr(p, "is_expert", False))
+                   for p in params], shard, bucket_size_mb)
+        layouts = [None] * group_size(self.process_group)
+        dist.all_gather_object(layouts, layout, group=self.process_group)
+        for rank, other in enumerate(layouts):
+            if other != layout:
+                raise ValueError(f"ranks of process_group disagree on the parameters or buffer "
+                                 f"options: group rank {rank} differs from group rank "
+                                 f"{group_rank(self.process_group)}")
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's param groups (set 'lr' here, e.g. from a schedule)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        """Zero the flat grad buffers (grads stay views into them; never set to None)."""
+        for buf in self._buffers:
+            buf.zero_grad()
+
+    def reduce_gradients(self) -> None:
+        """Once per optimizer step, after the last micro-step's backward: sum grads over each
+        buffer's group (reduce-scatter, or all-reduce when not sharded), times grad_scale. After
+        it, only this rank's shard of a sharded buffer's grads is meaningful."""
+        for buf in self._buffers:
+            buf.reduce_gradients(self.grad_scale)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """After reduce_gradients. Returns the global L2 norm of the reduced grads (before
+        clipping) as a 0-dim fp32 tensor on the grads' device, the same on every rank of
+        process_group, and, if max_norm > 0, scales the grads by min(1, max_norm / (norm + 1e-6))
+        (as torch.nn.utils.clip_grad_norm_), without a host sync.
+
+        Each rank sums the squares of its shard of every bucket. Dense shards partition the dense
+        grads over process_group; expert shards partition one expert-parallel rank's experts over
+        its DP group, and different expert-parallel ranks hold different experts; so one all-reduce
+        over process_group counts every gradient element exactly once (also with shard=False,
+        where the full grads are replicated but each rank still contributes only its shard).
+        """
+        views = [v for buf in self._buffers for v in buf.norm_grad_views()]
+        sq = torch.stack([torch.linalg.vector_norm(v, dtype=torch.float32) for v in views])
+        sq = sq.square().sum()
+        if group_size(self.process_group) > 1:
+            dist.all_reduce(sq, group=self.process_group)
+        norm = sq.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for buf in self._buffers:
+                for g in buf.step_grad_views():
+                    g.mul_(coef.to(g.dtype))
+        return norm
+
+    def step(self) -> None:
+        """Update this rank's shard (or all params when not sharded), then all-gather the params."""
+        self.optimizer.step()
+        for buf in self._buffers:
+            buf.all_gather_params()
+
+    # ---- Layout-independent state -------------------------------------------------------------
+    #
+    # Format: {"state": {name: {key: value}}, "param_groups": [{hyper-parameters...,
+    # "params": [names]}]}. A state tensor shaped like the (piece of the) parameter it belongs to,
+    # with at least one dim, is per-element (AdamW's exp_avg, exp_avg_sq) and is saved with the
+    # parameter's full shape (expert params: all experts, global index); anything else (AdamW's
+    # 'step') is per-parameter and saved as is. Nothing in it depends on N or the buckets, so a
+    # state saved at one world size loads at any other.
+
+    def state_dict(self) -> dict:
+        """The full optimizer state, tensors on CPU, on every rank. Collective over every group
+        (all ranks call it)."""
+        state = {}
+        for buf in self._buffers:
+            full = self._full_local_state(buf)
+            if buf is self._expert_buffer and group_size(self.expert_parallel_group) > 1:
+                self._concat_experts(full)
+            for p, st in full.items():
+                state[self._names[p]] = {k: v.detach().to("cpu", copy=True)
+                                         if torch.is_tensor(v) else v for k, v in st.items()}
+        groups = [dict(copy.deepcopy({k: v for k, v in g.items()
+                                      if k not in ("params", "param_names")}), params=names)
+                  for g, names in zip(self.optimizer.param_groups, self._group_names)]
+        return {"state": state, "param_groups": groups}
+
+    def _full_local_state(self, buf: FlatBuffer) -> dict[nn.Parameter, dict]:
+        """param -> its state with per-element tensors of the param's local shape, for every
+        param of buf that has state. Collective over buf.group when buf is sharded."""
+        stepped = {p: q for q, (p, _) in self._owner.items()}
+        state = self.optimizer.state
+        if not buf.sharded:
+            return {p: dict(state[stepped[p]]) for p in buf.offsets if stepped[p] in state}
+
+        # Which keys each param has (per-element: their dtype; else: the value), merged over the
+        # group: a param's pieces, and so its state, may live on several ranks.
+        local = {}
+        for p in buf.offsets:
+            q = stepped.get(p)
+            for k, v in state.get(q, {}).items():
+                if _per_element(v, q):
+                    v = v.dtype
+                elif torch.is_tensor(v):
+                    v = v.detach().cpu()   # e.g. a 'step' on the GPU: pickled below
+                local.setdefault(p, {})[k] = v
+        gathered = [None] * buf.size
+        dist.all_gather_object(gathered, {self._names[p]: st for p, st in local.items()},
+                               group=buf.group)
+        merged = {}
+        for rank_state in gathered:
+            for name, st in rank_state.items():
+                merged.setdefault(name, {}).update(st)
+        full = {p: {k: v for k, v in merged[self._names[p]].items()
+                    if not isinstance(v, torch.dtype)}
+                for p in buf.offsets if self._names[p] in merged}
+        per_element = sorted({(k, v) for st in merged.values() for k, v in st.items()
+                              if isinstance(v, torch.dtype)}, key=str)
+
+        # Per-element state: fill this rank's shard of each bucket, all-gather the bucket.
+        for key, dtype in per_element:
+            for (start, end), members in zip(buf.buckets, buf.bucket_params):
+                lo, hi = buf.shard_range((start, end))
+                shard = torch.zeros(hi - lo, dtype=dtype, device=buf.param_data.device)
+                for p in members:
+                    q = stepped.get(p)
+                    if q is not None and key in state.get(q, {}):
+                        p_lo = buf.offsets[p] + self._owner[q][1]
+                        shard[p_lo - lo:p_lo - lo + q.numel()] = state[q][key]
+                bucket = torch.empty((end - start), dtype=dtype, device=shard.device)
+                all_gather(bucket, shard, buf.group)
+                for p in members:
+                    if _is_dtype(merged.get(self._names[p], {}).get(key), dtype):
+                        o = buf.offsets[p] - start
+                        full[p][key] = bucket[o:o + p.numel()].view_as(p)
+        return full
+
+    def _concat_experts(self, full: dict[nn.Parameter, dict]) -> None:
+        """Replace each per-element expert state tensor [E_local, ...] by the concatenation over
+        expert_parallel_group, [E_local * ep, ...] (global expert index). Collective."""
+        ep = group_size(self.expert_parallel_group)
+        for p in self._expert_buffer.offsets:
+            for k in sorted(full.get(p, {}), key=str):
+                v = full[p][k]
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape:
+                    out = torch.empty((ep * p.shape[0], *p.shape[1:]), dtype=v.dtype,
+                                      device=v.device)
+                    all_gather(out, v.contiguous(), self.expert_parallel_group)
+                    full[p][k] = out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state from state_dict() of a run at any world size / bucket size / shard
+        setting (every rank passes the full state; no communication). Raises ValueError if its
+        param groups do not hold the same parameter names as this optimizer's."""
+        saved_groups = state_dict["param_groups"]
+        if (len(saved_groups) != len(self._group_names)
+                or any(set(s["params"]) != set(n) for s, n in zip(saved_groups, self._group_names))):
+            raise ValueError("optimizer state's param groups do not hold the same parameter names "
+                             "as this optimizer's")
+        # Re-express it as the wrapped optimizer's own state_dict (params numbered in group
+        # order) so that its load_state_dict does the casting and checks it always does.
+        state, groups, index = {}, [], 0
+        for group, saved in zip(self.optimizer.param_groups, saved_groups):
+            ids = []
+            for q in group["params"]:
+                p, start = self._owner[q]
+                saved_state = state_dict["state"].get(self._names[p])
+                if saved_state is not None:
+                    state[index] = {k: self._local_value(v, p, q, start)
+                                    for k, v in saved_state.items()}
+                ids.append(index)
+                index += 1
+            groups.append(dict({k: v for k, v in saved.items() if k != "params"}, params=ids))
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _local_value(self, value, p: nn.Parameter, q: nn.Parameter, start: int):
+        """This rank's part of one saved state value of param p, for the stepped tensor q (p
+        itself, or the piece of flattened p from `start`). Always a fresh tensor: the optimizer
+        updates its state in place."""
+        if not torch.is_tensor(value):
+            return value
+        shape = p.shape
+        ep = group_size(self.expert_parallel_group) if getattr(p, "is_expert", False) else 1
+        if ep > 1:
+            shape = torch.Size((ep * p.shape[0], *p.shape[1:]))
+        if value.dim() == 0 or value.shape != shape:
+            return value.clone()
+        if ep > 1:
+            value = value.chunk(ep)[group_rank(self.expert_parallel_group)]
+        return value.reshape(-1)[start:start + q.numel()].view_as(q).clone()
+
+    def save(self, directory: str) -> None:
+        """Collective: gather the state and write it to directory/optimizer.pt from rank 0 of
+        process_group; returns once the file is written."""
+        state_dict = self.state_dict()
+        if group_rank(self.process_group) == 0:
+            os.makedirs(directory, exist_ok=True)
+            torch.save(state_dict, os.path.join(directory, CHECKPOINT_FILE))
+        if group_size(self.process_group) > 1:
+            dist.barrier(group=self.process_group)
+
+    def load(self, directory: str) -> None:
+        """Load directory/optimizer.pt, written by save() at any world size."""
+        state_dict = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu",
+                                weights_only=True, mmap=True)
+        self.load_state_dict(state_dict)
+
+
+def _per_element(value, stepped: nn.Parameter) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == stepped.shape
+
+
+def _is_dtype(value, dtype: torch.dtype) -> bool:
+    return isinstance(value, torch.dtype) and value == dtype
+
+
+def _resolve_names(optimizer: torch.optim.Optimizer, param_names) -> dict[nn.Parameter, str]:
+    if param_names is None:
+        if all("param_names" in g for g in optimizer.param_groups):
+            return {p: n for g in optimizer.param_groups
+                    for p, n in zip(g["params"], g["param_names"])}
+        return {p: f"{gi}.{pi}" for gi, g in enumerate(optimizer.param_groups)
+                for pi, p in enumerate(g["params"])}
+    items = param_names.items() if isinstance(param_names, dict) else \
+        ((p, n) for n, p in param_names)
+    names: dict[nn.Parameter, str] = {}
+    for p, n in items:
+        names.setdefault(p, n)   # a tied param listed twice keeps its first name
+    return names

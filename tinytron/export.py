@@ -1,0 +1,42 @@
+"""Export a Tinytron checkpoint to a Hugging Face `transformers` folder.
+
+    python -m tinytron.export --checkpoint logs/run_abcd1234 --out hf_model [--dtype bf16]
+        [--tokenizer <folder or hub name>]
+
+--checkpoint is a step folder, a run folder (its newest complete checkpoint) or a model.pt next to
+its meta.pt. Dense models become LlamaForCausalLM, MoE models MixtralForCausalLM; the folder loads
+with AutoModelForCausalLM / AutoTokenizer.from_pretrained. Without --tokenizer, the run's
+--tokenizer (from meta.pt) is saved when it has one.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from tinytron.interop.hf import export_hf, read_checkpoint, run_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="step folder, run folder or model.pt")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weight dtype (default: fp32)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name to save with the model "
+                        "(default: the run's --tokenizer, if any)")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (default: 2GB)")
+    args = parser.parse_args(argv)
+    try:
+        state, config, meta = read_checkpoint(args.checkpoint)
+        export_hf(state, config, args.out, DTYPES[args.dtype],
+                  tokenizer=args.tokenizer or run_tokenizer(meta), max_shard_size=args.max_shard_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    kind = "MixtralForCausalLM" if config.use_moe else "LlamaForCausalLM"
+    print(f"exported step {meta.get('step', '?')} of {args.checkpoint} as {kind} ({args.dtype}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Command-line flags, generated from the config dataclasses (one flag per field, same default)."""
+
+import argparse
+import dataclasses
+import typing
+
+from tinytron.training.config import SECTIONS, Config
+
+_MODEL_HELP = {
+    "block_size": "maximum sequence length", "vocab_size": "vocabulary size (>= the tokenizer's)",
+    "num_layer": "transformer blocks", "num_attention_heads": "query heads",
+    "num_key_value_heads": "key/value heads (GQA; = heads for MHA)", "hidden_size": "model width",
+    "intermediate_size": "SwiGLU hidden width", "dropout": "dropout probability",
+    "tied_lm_head": "share the embedding and the output head", "rope_theta": "RoPE base",
+    "norm_eps": "RMSNorm epsilon", "init_std": "std of the normal init",
+    "use_moe": "Mixture-of-Experts MLPs", "num_experts": "experts per MoE layer",
+    "num_experts_per_tok": "experts per token (top-k)", "moe_intermediate_size": "expert hidden width",
+    "moe_router_softmax_before_topk": "softmax over all experts, then top-k and renormalise",
+    "moe_aux_loss_coeff": "load-balancing loss coefficient", "moe_z_loss_coeff": "router z-loss coefficient",
+}
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, typ) -> None:
+    meta, flag = dict(f.metadata), f"--{f.name}"
+    help_text = meta.pop("help", _MODEL_HELP.get(f.name, "")) + " (default: %(default)s)"
+    if typ is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+    elif typing.get_origin(typ) is tuple:
+        parser.add_argument(flag, type=typing.get_args(typ)[0], default=f.default, help=help_text, **meta)
+    else:
+        parser.add_argument(flag, type=typ, default=f.default, help=help_text, **meta)
+
+
+def build_parser(description: str = "Tinytron pre-training") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    for name, cls in SECTIONS.items():
+        group = parser.add_argument_group(name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add_field(group, f, hints[f.name])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = vars(args)
+    return Config(**{name: cls(**{f.name: (tuple(values[f.name]) if isinstance(values[f.name], list)
+                                           else values[f.name]) for f in dataclasses.fields(cls)})
+                     for name, cls in SECTIONS.items()})

@@ -1,0 +1,180 @@
+"""Run configuration: frozen dataclasses, one per concern, assembled into `Config`.
+
+The CLI (arguments.py) is generated from these dataclasses, so CLI and code defaults cannot drift.
+`validate_config` checks every cross-field constraint with a one-line message naming the flags,
+before any process group exists, so every rank fails the same way before doing work.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
+from tinytron.model.config import ModelConfig
+
+
+def _help(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    total_batch_size: int = field(default=524288, metadata=_help("tokens per optimizer step, all ranks"))
+    batch_size: int = field(default=8, metadata=_help("sequences per micro-step per data-parallel rank"))
+    seq_len: int = field(default=1024, metadata=_help("tokens per training sequence"))
+    max_epochs: int = field(default=1, metadata=_help("epochs to train when --max_steps is 0"))
+    max_steps: int = field(default=0, metadata=_help("optimizer steps to train (0: --max_epochs epochs)"))
+    grad_clip_value: float = field(default=1.0, metadata=_help("clip the global grad norm to this (0: off)"))
+    precision: str = field(default="bf16", metadata=_help("bf16 autocast or exact fp32", choices=("bf16", "fp32")))
+    seed: int = field(default=42, metadata=_help("seeds init, data order and dropout"))
+    device: str = field(default="auto", metadata=_help("auto: cuda if available, else cpu", choices=("auto", "cuda", "cpu")))
+    backend: str = field(default="auto", metadata=_help("auto: nccl on cuda, gloo on cpu", choices=("auto", "nccl", "gloo")))
+    use_compile: bool = field(default=False, metadata=_help("torch.compile each transformer block"))
+    do_val: bool = field(default=True, metadata=_help("evaluate on the validation set"))
+    val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)"))
+    use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
+    steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help("first and last step to profile", nargs=2))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    max_lr: float = field(default=6e-4, metadata=_help("peak learning rate"))
+    min_lr: float = field(default=6e-5, metadata=_help("final learning rate of the cosine decay"))
+    warmup_steps: int = field(default=700, metadata=_help("linear warmup steps"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    use_distributed_optimizer: bool = field(default=True, metadata=_help("ZeRO-1: shard optimizer state over data-parallel ranks"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    use_mock_data: bool = field(default=False, metadata=_help("train on generated data (no files)"))
+    mock_data_num_samples: int = field(default=10000, metadata=_help("mock training sequences (validation: 1/10)"))
+    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes per rank"))
+    dataset: str = field(default="", metadata=_help("hub dataset name or local .txt/.jsonl/.parquet file or folder"))
+    dataset_config: str = field(default="", metadata=_help("dataset configuration name (e.g. sample-10BT)"))
+    text_column: str = field(default="text", metadata=_help("column holding the documents"))
+    tokenizer: str = field(default="", metadata=_help("transformers tokenizer: hub name or local folder"))
+    data_cache_dir: str = field(default="data_cache", metadata=_help("where tokenized corpora are cached"))
+    val_fraction: float = field(default=0.005, metadata=_help("fraction of the tokens held out for validation"))
+    tokenize_num_proc: int = field(default=8, metadata=_help("processes for tokenization"))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size"))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    exp_name: str = field(default="tinytron", metadata=_help("run name (the run folder is <log_dir>/<exp_name>_<hash>)"))
+    log_dir: str = field(default="logs", metadata=_help("where run folders go"))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    do_save: bool = field(default=True, metadata=_help("save checkpoints"))
+    save_every_steps: int = field(default=1000, metadata=_help("save every N steps (and at the end)"))
+    resume_path: str = field(default="", metadata=_help("run folder or checkpoint folder to resume from (default: this run's newest)"))
+    keep_last_n_checkpoints: int = field(default=0, metadata=_help("keep only the newest N checkpoints (0: keep all)"))
+
+
+SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConfig, "data": DataConfig,
+            "parallel": ParallelConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig}
+
+# Fields that do not change what is trained: left out of the run hash, so the same run (same
+# folder, same auto-resume) can continue on another layout, device or logging setup.
+_NOT_HASHED = {"parallel", "logging", "checkpoint"}
+_NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "use_profiler",
+                      "steps_to_profile", "num_workers", "use_distributed_optimizer",
+                      "data_cache_dir", "tokenize_num_proc"}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        def build(section_cls, values):
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            return section_cls(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in values.items() if k in names})
+        return cls(**{name: build(SECTIONS[name], d.get(name, {})) for name in SECTIONS})
+
+    def short_hash(self) -> str:
+        """8 hex digits over what determines the training result (model, data, optimisation,
+        schedule, seed): stable across processes and layouts."""
+        d = {k: {f: v for f, v in sec.items() if f not in _NOT_HASHED_FIELDS}
+             for k, sec in self.to_dict().items() if k not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.logging.log_dir, f"{self.logging.exp_name}_{self.short_hash()}")
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message is one line naming the flags."""
+
+
+def validate_config(cfg: Config, world_size: int) -> int:
+    """Check every constraint; return grad_accum_steps. Raises ConfigError."""
+    m, t, o, p = cfg.model, cfg.training, cfg.optim, cfg.parallel
+    try:
+        m.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"--precision {t.precision} is not one of bf16, fp32")
+    for name in ("total_batch_size", "batch_size", "seq_len"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"--{name} {getattr(t, name)} must be positive")
+    if t.seq_len > m.block_size:
+        raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
+    if p.sep_size < 1 or world_size % p.sep_size:
+        raise ConfigError(f"world size {world_size} is not divisible by --sep_size {p.sep_size}")
+    sep, dp = p.sep_size, world_size // p.sep_size
+    if t.seq_len % sep:
+        raise ConfigError(f"--seq_len {t.seq_len} is not divisible by --sep_size {sep}")
+    if m.num_attention_heads % sep:
+        raise ConfigError(f"--num_attention_heads {m.num_attention_heads} is not divisible by --sep_size {sep}")
+    try:
+        kv_heads_to_send(m.num_key_value_heads, sep)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if m.use_moe and m.num_experts % sep:
+        raise ConfigError(f"--num_experts {m.num_experts} is not divisible by --sep_size {sep}")
+    tokens_per_micro_step = t.batch_size * t.seq_len * dp
+    if t.total_batch_size % tokens_per_micro_step:
+        raise ConfigError(f"--total_batch_size {t.total_batch_size} is not divisible by --batch_size "
+                          f"{t.batch_size} x --seq_len {t.seq_len} x data-parallel size {dp} "
+                          f"(= {tokens_per_micro_step})")
+    if t.max_steps < 0 or t.max_epochs < 1:
+        raise ConfigError("--max_steps must be >= 0 and --max_epochs >= 1")
+    if t.max_steps and o.warmup_steps >= t.max_steps:
+        raise ConfigError(f"--warmup_steps {o.warmup_steps} must be smaller than --max_steps {t.max_steps}")
+    if o.min_lr > o.max_lr:
+        raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
+    if t.val_every_steps <= 0 or cfg.checkpoint.save_every_steps <= 0:
+        raise ConfigError("--val_every_steps and --save_every_steps must be positive")
+    a, b = t.steps_to_profile
+    if t.use_profiler and not 0 <= a <= b:
+        raise ConfigError(f"--steps_to_profile {a} {b}: need 0 <= first <= last")
+    rp = cfg.checkpoint.resume_path
+    if rp and not os.path.exists(rp):
+        raise ConfigError(f"--resume_path {rp} does not exist")
+    return t.total_batch_size // tokens_per_micro_step

@@ -1,0 +1,356 @@
+"""The Trainer: one class a researcher can read top to bottom and subclass.
+
+Override `_init_dataset` for your data, `_init_model` for your model, `_init_optimizer` for your
+optimizer, `_lr_at` for your schedule. Launch with `python` (one process) or `torchrun`.
+
+Per optimizer step: `grad_accum_steps` micro-steps of forward/backward (gradients accumulate in
+flat buffers), one gradient reduction (reduce-scatter with ZeRO-1, all-reduce without), global
+norm clipping, the optimizer step, and ONE small all-reduce of the step's statistics, the only
+host sync of the step.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from tinytron.data.mock import MockDataset
+from tinytron.data.sampler import GlobalBatchSampler
+from tinytron.distributed import parallel_state as ps
+from tinytron.distributed.expert_parallel import apply_expert_parallel
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.zero1 import DistributedOptimizer
+from tinytron.model import GPT
+from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
+from tinytron.training import checkpoint as ckpt
+from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.utils.model import count_parameters
+from tinytron.utils.profile import flops_per_token, mfu, peak_flops
+from tinytron.utils.training import lr_at
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        self._init_distributed()
+        self.train_dataset = self.val_dataset = None
+        self._init_dataset()
+        self.model = self._init_model()
+        self.optimizer = DistributedOptimizer(
+            self._init_optimizer(), process_group=dist.group.WORLD if dist.is_initialized() else None,
+            expert_process_group=ps.get_dp_group(), grad_scale=1.0 / ps.get_dp_size(),
+            shard=config.optim.use_distributed_optimizer,
+            param_names={p: n for n, p in self.model.named_parameters()})
+        self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs
+        t = config.training
+        self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
+        self.step, self.skipped_steps = 0, 0
+        self._stop_requested = False
+        self._resume()
+
+    # ------------------------------------------------------------------ setup
+    def _init_distributed(self) -> None:
+        """Validate the config, pick device and backend, create the process groups."""
+        cfg = self.config
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.grad_accum_steps = validate_config(cfg, world)
+        self.global_batch_seqs = cfg.training.total_batch_size // cfg.training.seq_len
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = cfg.training.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is available")
+        self.device = torch.device(device, local_rank) if device == "cuda" else torch.device("cpu")
+        if device == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.training.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16 is not supported by this GPU; use --precision fp32")
+        backend = cfg.training.backend
+        if backend == "auto":
+            backend = "nccl" if device == "cuda" else "gloo"
+        if backend == "nccl" and device != "cuda":
+            raise ConfigError("--backend nccl needs --device cuda")
+        self.run_dir = cfg.run_dir
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            if not os.access(self.run_dir, os.W_OK):
+                raise PermissionError(self.run_dir)
+        except OSError as e:
+            raise ConfigError(f"--log_dir {cfg.logging.log_dir} is not writable ({type(e).__name__})") from None
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        if dist.is_initialized():
+            ps.initialize_parallel_state(cfg.parallel.sep_size)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_main = self.rank == 0
+        self.world_size = world
+        if self.is_main and dist.is_initialized():
+            ps.print_topology()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, then every rank agrees to save and stop.
+        self._stop_requested = True
+
+    def _init_dataset(self) -> None:
+        """Set `self.train_dataset` and `self.val_dataset`: map-style datasets whose item i is a
+        LongTensor of seq_len + 1 tokens. Override for your data."""
+        cfg = self.config
+        if not cfg.data.use_mock_data:
+            raise ConfigError("no dataset: pass --use_mock_data, use pretrain_example.py, or subclass "
+                              "Trainer and override _init_dataset")
+        n, t, v, s = cfg.data.mock_data_num_samples, cfg.training.seq_len, cfg.model.vocab_size, cfg.training.seed
+        self.train_dataset = MockDataset(n, t, v, s, "train")
+        self.val_dataset = MockDataset(max(1, n // 10), t, v, s, "val")
+
+    def _init_model(self) -> torch.nn.Module:
+        """Build the model on CPU from the seed (same weights on every rank and layout), apply the
+        parallel layout around it, move it to the device."""
+        cfg = self.config
+        torch.manual_seed(cfg.training.seed)
+        model = GPT(cfg.model)
+        if ps.get_sep_size() > 1:
+            apply_sequence_parallel(model, ps.get_sep_group())
+            if cfg.model.use_moe:
+                apply_expert_parallel(model, ps.get_ep_group())
+        model.to(self.device)
+        if cfg.training.use_compile:
+            for layer in model.layers:
+                layer.compile()
+        if self.is_main:
+            counts = count_parameters(cfg.model)
+            print(f"[tinytron] parameters: {counts['total'] / 1e6:.2f}M total, "
+                  f"{counts['active'] / 1e6:.2f}M active per token", flush=True)
+        return model
+
+    def _init_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay on weight matrices (and stacked expert weights) only: not on norms,
+        biases or the embedding table (tied to the head when --tied_lm_head). Override to use
+        another optimizer: the Trainer wraps whatever this returns in DistributedOptimizer."""
+        o = self.config.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=o.max_lr, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                 fused=self.device.type == "cuda")
+
+    def _lr_at(self, step: int) -> float:
+        o = self.config.optim
+        return lr_at(step, o.max_lr, o.min_lr, o.warmup_steps, self.total_steps)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
+
+    def _resume(self) -> None:
+        """Continue from --resume_path, or else from this run's newest complete checkpoint."""
+        source = self.config.checkpoint.resume_path or self.run_dir
+        path = ckpt.find_latest(source)
+        if path is None:
+            if self.config.checkpoint.resume_path:
+                raise ConfigError(f"--resume_path {source} holds no complete checkpoint")
+            self._write_run_files()
+            return
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
+        self._write_run_files(rewind_to=self.step)
+        if self.is_main:
+            print(f"[tinytron] resumed from {path} at step {self.step}", flush=True)
+
+    def _write_run_files(self, rewind_to: int | None = None) -> None:
+        """config.json, and log.txt rewound to `rewind_to` so resumed steps are not logged twice."""
+        if not self.is_main:
+            return
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        log = os.path.join(self.run_dir, "log.txt")
+        if rewind_to is not None and os.path.exists(log):
+            with open(log) as f:
+                kept = [line for line in f if int(line.split()[0]) < rewind_to]
+            with open(log + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log + ".tmp", log)
+
+    def save(self) -> None:
+        """Write checkpoint `self.step` (collective)."""
+        meta = {"step": self.step, "skipped_steps": self.skipped_steps,
+                "tokens_seen": self.step * self.config.training.total_batch_size,
+                "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                  "step_in_epoch": self.step % self.steps_per_epoch},
+                "world_size": self.world_size, "sep_size": ps.get_sep_size(),
+                "config": self.config.to_dict()}
+        ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
+                             self.config.checkpoint.keep_last_n_checkpoints)
+
+    # ------------------------------------------------------------------ steps
+    def _split_batch(self, batch: torch.Tensor):
+        """batch: [b, T+1] full sequences (same on every rank of a SEP group) -> this rank's
+        inputs and targets [b, T/sep], their global position ids [1, T/sep], and the number of
+        valid targets of the FULL sequences (so per-rank losses sum to the full mean over SEP)."""
+        batch = batch.to(self.device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        count = (targets != IGNORE_INDEX).sum()
+        chunk = inputs.shape[1] // ps.get_sep_size()
+        start = ps.get_sep_rank() * chunk
+        positions = torch.arange(start, start + chunk, device=self.device)[None]
+        return inputs[:, start:start + chunk], targets[:, start:start + chunk], positions, count
+
+    def _autocast(self):
+        if self.config.training.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _forward_loss(self, batch: torch.Tensor):
+        """-> (language-model loss, auxiliary loss) of one micro-batch on this rank, as tensors."""
+        inputs, targets, positions, count = self._split_batch(batch)
+        with self._autocast():
+            logits = self.model(inputs, position_ids=positions)
+        lm = cross_entropy_sum(logits, targets) / count.clamp(min=1)
+        aux = self.model.aux_loss()
+        return lm, torch.as_tensor(aux, dtype=torch.float32, device=self.device)
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns the step's statistics
+        reduced over all ranks (the step's one host sync)."""
+        lr = self._lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad()
+        acc = torch.zeros(2, device=self.device)
+        for _ in range(self.grad_accum_steps):
+            lm, aux = self._forward_loss(next(batches))
+            ((lm + aux) / self.grad_accum_steps).backward()
+            acc += torch.stack((lm.detach(), aux.detach()))
+        self.optimizer.reduce_gradients()
+        grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
+        # SEP ranks hold shares of one sequence's loss (sum them); DP ranks hold different
+        # sequences (average them): a SUM over the world divided by dp_size does both.
+        stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()),
+                           torch.tensor([float(self._stop_requested)], device=self.device)))
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        lm_loss, aux_loss, stop = stats.tolist()
+        grad_norm = grad_norm.item()
+        finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr,
+                "finite": finite, "stop": stop > 0}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the whole validation set: each DP rank takes every dp_size-th
+        sequence; loss sums and token counts are all-reduced, so the value does not depend on
+        the layout."""
+        self.model.eval()
+        val = Subset(self.val_dataset, range(ps.get_dp_rank(), len(self.val_dataset), ps.get_dp_size()))
+        totals = torch.zeros(2, device=self.device)
+        for batch in DataLoader(val, batch_size=self.config.training.batch_size):
+            inputs, targets, positions, _ = self._split_batch(batch)
+            with self._autocast():
+                logits = self.model(inputs, position_ids=positions)
+            totals += torch.stack((cross_entropy_sum(logits, targets),
+                                   (targets != IGNORE_INDEX).sum().float()))
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        self.model.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def _train_loader(self):
+        t = self.config.training
+        sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_seqs, t.batch_size,
+                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step)
+        workers = self.config.data.num_workers
+        return iter(DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=workers,
+                               pin_memory=self.device.type == "cuda",
+                               prefetch_factor=4 if workers else None))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.config
+        t, c = cfg.training, cfg.checkpoint
+        batches = self._train_loader()
+        tokens_per_step = t.total_batch_size
+        flops_tok, peak = flops_per_token(cfg.model, t.seq_len), peak_flops(self.device)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
+        profiler = None
+        self.model.train()
+        while self.step < self.total_steps:
+            if self.is_main and t.use_profiler and self.step == t.steps_to_profile[0]:
+                profiler = torch.profiler.profile()
+                profiler.__enter__()
+            t0 = time.perf_counter()
+            stats = self.train_step(batches)
+            dt = time.perf_counter() - t0
+            step = self.step
+            self.step += 1
+            tok_s = tokens_per_step / dt
+            util = mfu(tok_s / self.world_size, flops_tok, peak)
+            if not stats["finite"]:
+                self.skipped_steps += 1
+            self._log_train(step, stats, dt, tok_s, util, bar)
+            if profiler is not None and step == t.steps_to_profile[1]:
+                self._finish_profile(profiler)
+                profiler = None
+            last = self.step == self.total_steps
+            if t.do_val and (self.step % t.val_every_steps == 0 or last):
+                self._log(f"{step} val {self.evaluate():.6f}")
+            if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"]):
+                self.save()
+            if stats["stop"]:
+                if self.is_main:
+                    print(f"[tinytron] SIGTERM: saved step {self.step}, exiting", flush=True)
+                break
+        if profiler is not None:  # the run ended inside the profiled range
+            self._finish_profile(profiler)
+        bar.close()
+
+    def _finish_profile(self, profiler) -> None:
+        profiler.__exit__(None, None, None)
+        profiler.export_chrome_trace(os.path.join(self.run_dir, "rank0_trace.json"))
+
+    def _log(self, line: str) -> None:
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+
+    def _log_train(self, step, stats, dt, tok_s, util, bar) -> None:
+        if not stats["finite"]:
+            self._log(f"{step} skipped non-finite loss {stats['loss']} grad_norm {stats['grad_norm']}")
+        else:
+            self._log(f"{step} train {stats['loss']:.6f}")
+        if not self.is_main:
+            return
+        aux = f" | aux {stats['aux_loss']:.4f}" if self.config.model.use_moe else ""
+        mfu_s = "n/a" if util is None else f"{100 * util:.1f}%"
+        bar.write(f"step {step:6d} | loss {stats['loss']:.6f}{aux} | lr {stats['lr']:.3e} | grad norm "
+                  f"{stats['grad_norm']:.4f} | {1000 * dt:.0f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s}")
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_s)
+        bar.update(1)
+
+
+def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
+    """Entry point for scripts: parse flags, train, and turn bad input into one line + exit 2."""
+    from tinytron.training.arguments import build_parser, config_from_args
+    parser = parser or build_parser()
+    config = config_from_args(parser.parse_args(argv))
+    try:
+        trainer_cls(config).train()
+    except (ConfigError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
