@@ -73,6 +73,10 @@ class ParallelConfig:
 class LoggingConfig:
     exp_name: str = field(default="tinytron", metadata=_help("run name (the run folder is <log_dir>/<exp_name>_<hash>)"))
     log_dir: str = field(default="logs", metadata=_help("where run folders go"))
+    tensorboard: bool = field(default=False, metadata=_help("write TensorBoard events to <run folder>/tb"))
+    wandb_project: str = field(default="", metadata=_help("log to this Weights & Biases project"))
+    wandb_run_name: str = field(default="", metadata=_help("W&B run name (default: the run folder name)"))
+    wandb_entity: str = field(default="", metadata=_help("W&B entity (team or user)"))
 
 
 @dataclass(frozen=True)
