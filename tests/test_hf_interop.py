@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tinytron.export import main as export_main
 from tinytron.generate import generate_text, load_generator
+from tinytron.generate import main as generate_main
 from tinytron.interop.hf import export_hf, init_from_hf, load_hf
 from tinytron.model import GPT, ModelConfig
 
@@ -169,10 +171,12 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_export_and_generate(tmp_path):
+def test_cli_export_and_generate(tmp_path, capsys):
     """A checkpoint written in the Trainer's format -> `python -m tinytron.export` -> a folder that
     transformers loads (model and tokenizer) -> `python -m tinytron.generate` prints the greedy
-    continuation our own model computes, from the HF folder and from the checkpoint alike."""
+    continuation our own model computes, from the HF folder and from the checkpoint alike. (Two
+    real subprocesses; the other command lines run in-process through the same `main`, since each
+    subprocess pays ~5 s of importing transformers.)"""
     cfg = ModelConfig(**{**BASE, "vocab_size": 4096}, **CASES["gqa_tied"])
     model = build(cfg)
     run = tmp_path / "run"
@@ -195,16 +199,17 @@ def test_cli_export_and_generate(tmp_path):
     prompt = "ROMEO:"
     expected = prompt + tokenizer.decode(_greedy(model, tokenizer(prompt).input_ids, 8, 0),
                                          skip_special_tokens=True)
-    for source in (["--checkpoint", str(out)], ["--checkpoint", str(step), "--tokenizer", str(TOKENIZER)]):
-        r = _cli("tinytron.generate", *source, "--prompt", prompt, "--temperature", "0",
-                 "--max_new_tokens", "8", "--device", "cpu")
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.rstrip("\n") == expected
+    args = ["--prompt", prompt, "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"]
+    r = _cli("tinytron.generate", "--checkpoint", str(out), *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == expected
+    generate_main(["--checkpoint", str(step), "--tokenizer", str(TOKENIZER), *args])
+    assert capsys.readouterr().out.rstrip("\n") == expected
 
     for bad in (tmp_path / "nowhere", run / "checkpoints" / "step_00000020"):
-        r = _cli("tinytron.export", "--checkpoint", str(bad), "--out", str(tmp_path / "x"))
-        assert r.returncode != 0
-        assert r.stderr.strip().startswith("error: --checkpoint") and "\n" not in r.stderr.strip()
+        with pytest.raises(SystemExit) as exit_:  # sys.exit(message): status 1, message on stderr
+            export_main(["--checkpoint", str(bad), "--out", str(tmp_path / "x")])
+        assert str(exit_.value.code).startswith("error: --checkpoint") and "\n" not in str(exit_.value.code)
     assert not (tmp_path / "x").exists()
 
 

@@ -106,10 +106,21 @@ def test_unknown_precision_is_rejected(tmp_path):
     assert r.returncode == 2 and "--precision: invalid choice: 'fp8'" in r.stderr
 
 
-def test_bad_flag_fails_on_every_rank_under_torchrun(tmp_path):
+def test_bad_flag_fails_on_every_rank(tmp_path):
+    """Each rank validates before any process group exists: both ranks of a 2-rank job print the
+    line and exit 2 on their own (no hang waiting for a peer)."""
+    procs = [subprocess.Popen([sys.executable, "pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(tmp_path),
+                               "--sep_size", "3"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"})
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2 and err.strip() == "error: world size 2 is not divisible by --sep_size 3"
+    # Under torchrun the job fails as a whole (torchrun stops the other rank once one has failed).
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--sep_size", "3", nproc=2)
-    assert r.returncode != 0
-    assert r.stderr.count("error: world size 2 is not divisible by --sep_size 3") == 2
+    assert r.returncode != 0 and "error: world size 2 is not divisible by --sep_size 3" in r.stderr
+    assert "trainer.py" not in r.stderr  # no traceback from our code
 
 
 def test_debug_cpu_script_runs(tmp_path):

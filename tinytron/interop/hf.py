@@ -192,7 +192,7 @@ def _check_state(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
                        source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """HF module state dict -> our state dict (fp32 kept as is; other dtypes kept too). Checks that
+    """HF module state dict -> our state dict, dtypes kept. Checks that
     every tensor `config` needs is there with the right shape, and that nothing else is (an
     unexpected tensor means a feature we would silently drop). A tied head's lm_head.weight is the
     embedding tensor itself."""
@@ -221,7 +221,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
     return state
 
 
-def _fuse_mixtral_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+def _fuse_mixtral_experts(state: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """In place: Mixtral's on-disk layout (block_sparse_moe.gate, experts.{e}.w1/w2/w3 = gate, down,
     up, each [out, in]) -> the in-memory one (mlp.gate, mlp.experts.gate_up_proj [E, 2I, C],
     mlp.experts.down_proj [E, C, I])."""
@@ -232,7 +232,7 @@ def _fuse_mixtral_experts(state: dict[str, torch.Tensor], config: ModelConfig) -
 
         def pop(name: str) -> torch.Tensor:
             if name not in state:
-                raise ValueError(f"missing tensor {name}")
+                raise ValueError(f"{source}: missing tensor {name}")
             return state.pop(name)
 
         state[new + "gate.weight"] = pop(old + "gate.weight")
@@ -240,7 +240,7 @@ def _fuse_mixtral_experts(state: dict[str, torch.Tensor], config: ModelConfig) -
                     pop(f"{old}experts.{e}.w2.weight")) for e in range(config.num_experts)]
         shapes = {(w1.shape, w3.shape, w2.shape) for w1, w3, w2 in experts}
         if len(shapes) != 1:
-            raise ValueError(f"layer {i}: experts of different shapes {sorted(shapes)}")
+            raise ValueError(f"{source}: layer {i} has experts of different shapes {sorted(shapes)}")
         state[new + "experts.gate_up_proj"] = torch.stack([torch.cat([w1, w3]) for w1, w3, _ in experts])
         state[new + "experts.down_proj"] = torch.stack([w2 for _, _, w2 in experts])
 
@@ -261,11 +261,8 @@ def read_hf_weights(hf_dir: str, config: ModelConfig) -> dict[str, torch.Tensor]
         if not os.path.isfile(path):
             raise ValueError(f"{index} names a missing shard {name}")
         state.update(load_file(path))
-    try:
-        if config.use_moe:
-            _fuse_mixtral_experts(state, config)
-    except ValueError as e:
-        raise ValueError(f"{hf_dir}: {e}") from None
+    if config.use_moe:
+        _fuse_mixtral_experts(state, config, hf_dir)
     return {k: v.float() for k, v in state.items()}
 
 
@@ -362,6 +359,8 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, di
     a run folder (its newest complete checkpoint) or a model.pt next to a meta.pt."""
     if not os.path.exists(path):
         raise ValueError(f"--checkpoint {path} does not exist")
+    if is_hf_dir(path):
+        raise ValueError(f"--checkpoint {path} is a Hugging Face folder, not a Tinytron checkpoint")
     if os.path.isfile(path):
         model_file, meta_file = path, os.path.join(os.path.dirname(path), "meta.pt")
     else:

@@ -11,6 +11,7 @@ A checkpoint is written into `.tmp_step_<n>` and renamed when complete, so a cra
 leaves the previous checkpoints intact and the half-written one invisible.
 """
 
+import dataclasses
 import glob
 import os
 import random
@@ -24,6 +25,8 @@ from torch import nn
 from tinytron.distributed import parallel_state as ps
 
 COMPLETE = "COMPLETE"
+# Model fields that may change on resume without changing any tensor shape or meaning.
+_RESUMABLE_MODEL_FIELDS = {"dropout", "block_size", "moe_aux_loss_coeff", "moe_z_loss_coeff"}
 
 
 class CheckpointError(RuntimeError):
@@ -158,10 +161,17 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dic
     return final
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer) -> dict:
+def load_checkpoint(path: str, model: nn.Module, optimizer, model_config=None) -> dict:
     """Load model, optimizer and this rank's RNG state from a complete checkpoint folder; return
-    its meta. RNG states are restored only when the world size is the one that saved them."""
+    its meta. RNG states are restored only when the world size is the one that saved them.
+    With `model_config` (a dataclass), a checkpoint of another architecture is refused first."""
     meta = _load(os.path.join(path, "meta.pt"))
+    if model_config is not None:
+        saved = meta.get("config", {}).get("model", {})
+        for name, value in dataclasses.asdict(model_config).items():
+            if name in saved and saved[name] != value and name not in _RESUMABLE_MODEL_FIELDS:
+                raise CheckpointError(f"{path} holds a checkpoint of another model: "
+                                      f"{name} {saved[name]} there, {value} here")
     load_full_model_state_dict(model, _load(os.path.join(path, "model.pt")), path)
     optimizer.load(os.path.join(path, "optimizer"))
     rng_file = os.path.join(path, "rng", f"rank{_rank()}.pt")

@@ -36,6 +36,8 @@ class TrainingConfig:
     val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
     steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help("first and last step to profile", nargs=2))
+    init_from_hf: str = field(default="", metadata=_help("Hugging Face Llama/Mixtral folder to initialise the weights from"))
+    max_skipped_steps: int = field(default=5, metadata=_help("stop after this many consecutive non-finite steps"))
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size"))
+    dist_timeout_minutes: float = field(default=30.0, metadata=_help("a collective waiting longer than this ends the job"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class CheckpointConfig:
     save_every_steps: int = field(default=1000, metadata=_help("save every N steps (and at the end)"))
     resume_path: str = field(default="", metadata=_help("run folder or checkpoint folder to resume from (default: this run's newest)"))
     keep_last_n_checkpoints: int = field(default=0, metadata=_help("keep only the newest N checkpoints (0: keep all)"))
+    save_every_minutes: float = field(default=0.0, metadata=_help("also save when this many minutes passed since the last save (0: off)"))
 
 
 SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConfig, "data": DataConfig,
@@ -95,7 +99,7 @@ SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConf
 _NOT_HASHED = {"parallel", "logging", "checkpoint"}
 _NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "use_profiler",
                       "steps_to_profile", "num_workers", "use_distributed_optimizer",
-                      "data_cache_dir", "tokenize_num_proc"}
+                      "data_cache_dir", "tokenize_num_proc", "max_skipped_steps"}
 
 
 @dataclass(frozen=True)
@@ -175,9 +179,15 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
     if t.val_every_steps <= 0 or cfg.checkpoint.save_every_steps <= 0:
         raise ConfigError("--val_every_steps and --save_every_steps must be positive")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"--max_skipped_steps {t.max_skipped_steps} must be >= 1")
+    if p.dist_timeout_minutes <= 0:
+        raise ConfigError(f"--dist_timeout_minutes {p.dist_timeout_minutes} must be positive")
     a, b = t.steps_to_profile
     if t.use_profiler and not 0 <= a <= b:
         raise ConfigError(f"--steps_to_profile {a} {b}: need 0 <= first <= last")
+    if t.init_from_hf and not os.path.isdir(t.init_from_hf):
+        raise ConfigError(f"--init_from_hf {t.init_from_hf} is not a folder")
     rp = cfg.checkpoint.resume_path
     if rp and not os.path.exists(rp):
         raise ConfigError(f"--resume_path {rp} does not exist")

@@ -38,6 +38,10 @@ from tinytron.utils.profile import flops_per_token, mfu, peak_flops
 from tinytron.utils.training import lr_at
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss keeps diverging); one-line message."""
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
@@ -53,8 +57,9 @@ class Trainer:
         self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs
         t = config.training
         self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
-        self.step, self.skipped_steps = 0, 0
+        self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
         self._stop_requested = False
+        self._last_save_time = time.monotonic()
         self._resume()
 
     # ------------------------------------------------------------------ setup
@@ -88,7 +93,9 @@ class Trainer:
         except OSError as e:
             raise ConfigError(f"--log_dir {cfg.logging.log_dir} is not writable ({type(e).__name__})") from None
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            # Let the NCCL watchdog abort a stuck collective instead of hanging (no-op on gloo).
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+            dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.dist_timeout_minutes))
         if dist.is_initialized():
             ps.initialize_parallel_state(cfg.parallel.sep_size)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -96,6 +103,9 @@ class Trainer:
         self.world_size = world
         if self.is_main and dist.is_initialized():
             ps.print_topology()
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if self.is_main and restarts not in (None, "0"):
+            print(f"[tinytron] torchrun restart {restarts}: resuming from the newest complete checkpoint", flush=True)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -119,6 +129,12 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.training.seed)
         model = GPT(cfg.model)
+        if cfg.training.init_from_hf:  # continued pre-training; a resumed checkpoint still wins
+            from tinytron.interop.hf import init_from_hf  # lazy: transformers stays optional
+            try:
+                init_from_hf(model, cfg.training.init_from_hf)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if ps.get_sep_size() > 1:
             apply_sequence_parallel(model, ps.get_sep_group())
             if cfg.model.use_moe:
@@ -163,7 +179,7 @@ class Trainer:
                 raise ConfigError(f"--resume_path {source} holds no complete checkpoint")
             self._write_run_files()
             return
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.config.model)
         self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
         self._write_run_files(rewind_to=self.step)
         if self.is_main:
@@ -193,6 +209,7 @@ class Trainer:
                 "config": self.config.to_dict()}
         ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
                              self.config.checkpoint.keep_last_n_checkpoints)
+        self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ steps
     def _split_batch(self, batch: torch.Tensor):
@@ -236,18 +253,22 @@ class Trainer:
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
         # SEP ranks hold shares of one sequence's loss (sum them); DP ranks hold different
-        # sequences (average them): a SUM over the world divided by dp_size does both.
-        stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()),
-                           torch.tensor([float(self._stop_requested)], device=self.device)))
+        # sequences (average them): a SUM over the world divided by dp_size does both. The same
+        # all-reduce carries the stop request (SIGTERM on any rank) and rank 0's time-based save
+        # decision, so every rank acts on them at the same step.
+        minutes = self.config.checkpoint.save_every_minutes
+        save_due = self.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
+        flags = torch.tensor([float(self._stop_requested), float(save_due)], device=self.device)
+        stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()), flags))
         if dist.is_initialized():
             dist.all_reduce(stats)
-        lm_loss, aux_loss, stop = stats.tolist()
+        lm_loss, aux_loss, stop, save_due = stats.tolist()
         grad_norm = grad_norm.item()
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr,
-                "finite": finite, "stop": stop > 0}
+                "finite": finite, "stop": stop > 0, "save_due": save_due > 0}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -298,16 +319,15 @@ class Trainer:
             self.step += 1
             tok_s = tokens_per_step / dt
             util = mfu(tok_s / self.world_size, flops_tok, peak)
-            if not stats["finite"]:
-                self.skipped_steps += 1
             self._log_train(step, stats, dt, tok_s, util, bar)
+            self._count_skips(stats["finite"])
             if profiler is not None and step == t.steps_to_profile[1]:
                 self._finish_profile(profiler)
                 profiler = None
             last = self.step == self.total_steps
             if t.do_val and (self.step % t.val_every_steps == 0 or last):
                 self._log(f"{step} val {self.evaluate():.6f}")
-            if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"]):
+            if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"] or stats["save_due"]):
                 self.save()
             if stats["stop"]:
                 if self.is_main:
@@ -320,6 +340,21 @@ class Trainer:
     def _finish_profile(self, profiler) -> None:
         profiler.__exit__(None, None, None)
         profiler.export_chrome_trace(os.path.join(self.run_dir, "rank0_trace.json"))
+
+    def _count_skips(self, finite: bool) -> None:
+        """A non-finite step was not applied; too many in a row stop the run (the last complete
+        checkpoint stays as it is)."""
+        if finite:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        limit = self.config.training.max_skipped_steps
+        if self.consecutive_skips >= limit:
+            last = ckpt.find_latest(self.run_dir)
+            raise TrainingError(f"{limit} consecutive steps with a non-finite loss or grad norm "
+                                f"(--max_skipped_steps {limit}) at step {self.step - 1}; "
+                                f"last good checkpoint: {last or 'none'}")
 
     def _log(self, line: str) -> None:
         if self.is_main:
@@ -349,8 +384,29 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
     try:
         trainer_cls(config).train()
     except (ConfigError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _exit(f"error: {e}", 2)
+    except TrainingError as e:
+        _exit(f"error: {e}", 1)
+    except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
+        if not (dist.is_initialized() and _is_comm_failure(e)):
+            raise
+        # A peer stopped answering (timeout) or died: say which rank saw it and what it waited for.
+        rank = dist.get_rank()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _exit(f"error: rank {rank}: collective failed (a rank died or exceeded "
+              f"--dist_timeout_minutes {config.parallel.dist_timeout_minutes}): {first}", 1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _is_comm_failure(e: Exception) -> bool:
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(
+        k in text for k in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
+
+
+def _exit(message: str, code: int) -> None:
+    """Leave without waiting on peers (they may be gone): no process-group teardown."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
