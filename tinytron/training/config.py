@@ -76,6 +76,7 @@ class ParallelConfig:
 class LoggingConfig:
     exp_name: str = field(default="tinytron", metadata=_help("run name (the run folder is <log_dir>/<exp_name>_<hash>)"))
     log_dir: str = field(default="logs", metadata=_help("where run folders go"))
+    log_expert_load: bool = field(default=False, metadata=_help("log tokens per expert of every MoE layer"))
     tensorboard: bool = field(default=False, metadata=_help("write TensorBoard events to <run folder>/tb"))
     wandb_project: str = field(default="", metadata=_help("log to this Weights & Biases project"))
     wandb_run_name: str = field(default="", metadata=_help("W&B run name (default: the run folder name)"))

@@ -33,6 +33,7 @@ from tinytron.model import GPT
 from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.training.metrics import MetricsLogger, check_sink_packages
 from tinytron.utils.model import count_parameters
 from tinytron.utils.profile import flops_per_token, mfu, peak_flops
 from tinytron.utils.training import lr_at
@@ -61,6 +62,11 @@ class Trainer:
         self._stop_requested = False
         self._last_save_time = time.monotonic()
         self._resume()
+        lg = config.logging
+        self.metrics = MetricsLogger(self.run_dir, config.to_dict(), is_main=self.is_main, resume_step=self.step,
+                                     tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
+                                     wandb_run_name=lg.wandb_run_name, wandb_entity=lg.wandb_entity,
+                                     wandb_id=self._wandb_id)
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
@@ -68,6 +74,7 @@ class Trainer:
         cfg = self.config
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.grad_accum_steps = validate_config(cfg, world)
+        check_sink_packages(cfg.logging)
         self.global_batch_seqs = cfg.training.total_batch_size // cfg.training.seq_len
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = cfg.training.device
@@ -172,27 +179,29 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from --resume_path, or else from this run's newest complete checkpoint."""
+        self._wandb_id = None
         source = self.config.checkpoint.resume_path or self.run_dir
         path = ckpt.find_latest(source)
         if path is None:
             if self.config.checkpoint.resume_path:
                 raise ConfigError(f"--resume_path {source} holds no complete checkpoint")
-            self._write_run_files()
+            self._write_run_files(rewind_to=0)  # a fresh start: drop what an aborted attempt logged
             return
         meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.config.model)
         self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
+        self._wandb_id = meta.get("wandb_id")
         self._write_run_files(rewind_to=self.step)
         if self.is_main:
             print(f"[tinytron] resumed from {path} at step {self.step}", flush=True)
 
-    def _write_run_files(self, rewind_to: int | None = None) -> None:
+    def _write_run_files(self, rewind_to: int) -> None:
         """config.json, and log.txt rewound to `rewind_to` so resumed steps are not logged twice."""
         if not self.is_main:
             return
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
         log = os.path.join(self.run_dir, "log.txt")
-        if rewind_to is not None and os.path.exists(log):
+        if os.path.exists(log):
             with open(log) as f:
                 kept = [line for line in f if int(line.split()[0]) < rewind_to]
             with open(log + ".tmp", "w") as f:
@@ -205,7 +214,7 @@ class Trainer:
                 "tokens_seen": self.step * self.config.training.total_batch_size,
                 "data_position": {"epoch": self.step // self.steps_per_epoch,
                                   "step_in_epoch": self.step % self.steps_per_epoch},
-                "world_size": self.world_size, "sep_size": ps.get_sep_size(),
+                "world_size": self.world_size, "sep_size": ps.get_sep_size(), "wandb_id": self.metrics.wandb_id,
                 "config": self.config.to_dict()}
         ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
                              self.config.checkpoint.keep_last_n_checkpoints)
@@ -246,10 +255,15 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad()
         acc = torch.zeros(2, device=self.device)
+        load = None  # tokens per expert per MoE layer, summed over micro-steps: [layers, experts]
         for _ in range(self.grad_accum_steps):
             lm, aux = self._forward_loss(next(batches))
             ((lm + aux) / self.grad_accum_steps).backward()
             acc += torch.stack((lm.detach(), aux.detach()))
+            if self.config.logging.log_expert_load:
+                step_load = torch.stack([m.expert_load for m in self.model.modules()
+                                         if getattr(m, "expert_load", None) is not None]).float()
+                load = step_load if load is None else load + step_load
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
         # SEP ranks hold shares of one sequence's loss (sum them); DP ranks hold different
@@ -259,16 +273,21 @@ class Trainer:
         minutes = self.config.checkpoint.save_every_minutes
         save_due = self.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
         flags = torch.tensor([float(self._stop_requested), float(save_due)], device=self.device)
-        stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()), flags))
+        # Expert loads are already totals over the EP (= SEP) group: divide by sep before the sum.
+        extra = [] if load is None else [load.flatten() / ps.get_sep_size()]
+        stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()), flags, *extra))
         if dist.is_initialized():
             dist.all_reduce(stats)
-        lm_loss, aux_loss, stop, save_due = stats.tolist()
+        values = stats.tolist()
+        lm_loss, aux_loss, stop, save_due = values[:4]
+        expert_load = None if load is None else [
+            [round(v) for v in values[4 + i * load.shape[1]:4 + (i + 1) * load.shape[1]]] for i in range(load.shape[0])]
         grad_norm = grad_norm.item()
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr,
-                "finite": finite, "stop": stop > 0, "save_due": save_due > 0}
+                "finite": finite, "stop": stop > 0, "save_due": save_due > 0, "expert_load": expert_load}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -325,8 +344,18 @@ class Trainer:
                 self._finish_profile(profiler)
                 profiler = None
             last = self.step == self.total_steps
-            if t.do_val and (self.step % t.val_every_steps == 0 or last):
-                self._log(f"{step} val {self.evaluate():.6f}")
+            val = self.evaluate() if t.do_val and (self.step % t.val_every_steps == 0 or last) else None
+            if val is not None:
+                self._log(f"{step} val {val:.6f}")
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            moe = {"moe/aux_loss": stats["aux_loss"]} if cfg.model.use_moe else {}
+            if stats["expert_load"] is not None:
+                moe["moe/expert_load"] = stats["expert_load"]
+            self.metrics.log(step, {
+                "tokens": self.step * tokens_per_step, "train/loss": stats["loss"], "val/loss": val,
+                "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"], "perf/step_time_s": dt,
+                "perf/tokens_per_s": tok_s, "perf/mfu": util, "perf/peak_memory_gib": mem,
+                "train/skipped_steps": self.skipped_steps, **moe})
             if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"] or stats["save_due"]):
                 self.save()
             if stats["stop"]:
@@ -336,6 +365,7 @@ class Trainer:
         if profiler is not None:  # the run ended inside the profiled range
             self._finish_profile(profiler)
         bar.close()
+        self.metrics.close()
 
     def _finish_profile(self, profiler) -> None:
         profiler.__exit__(None, None, None)
