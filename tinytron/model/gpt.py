@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tinytron.model.config import ModelConfig
 from tinytron.model.modules.attn import Attention
@@ -24,11 +25,17 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MoE(config) if config.use_moe else MLP(config)
+        self.recompute_mlp = False  # set by GPT.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, T, C] -> [B, T, C]."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.recompute_mlp and self.training:
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return x + self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
@@ -44,7 +51,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tied_lm_head:
             self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = "none"
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Trade compute for memory in training: "none"; "full" recomputes every block in the
+        backward pass (only block inputs are kept); "selective" recomputes only the MLP (norm +
+        SwiGLU or MoE), whose hidden activations are the largest per token. Results are
+        identical (the RNG state is replayed for dropout)."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"--activation_checkpointing {mode} is not one of none, full, selective")
+        self.activation_checkpointing = mode
+        for layer in self.layers:
+            layer.recompute_mlp = mode == "selective"
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -74,7 +93,10 @@ class GPT(nn.Module):
         cos, sin = self.rope(position_ids)
         x = self.dropout(self.embed(idx))
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.activation_checkpointing == "full" and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

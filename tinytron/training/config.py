@@ -32,6 +32,9 @@ class TrainingConfig:
     device: str = field(default="auto", metadata=_help("auto: cuda if available, else cpu", choices=("auto", "cuda", "cpu")))
     backend: str = field(default="auto", metadata=_help("auto: nccl on cuda, gloo on cpu", choices=("auto", "nccl", "gloo")))
     use_compile: bool = field(default=False, metadata=_help("torch.compile each transformer block"))
+    activation_checkpointing: str = field(default="none", metadata=_help(
+        "recompute activations in backward: none, full (every block) or selective (the MLPs)",
+        choices=("none", "full", "selective")))
     do_val: bool = field(default=True, metadata=_help("evaluate on the validation set"))
     val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
@@ -98,7 +101,7 @@ SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConf
 # Fields that do not change what is trained: left out of the run hash, so the same run (same
 # folder, same auto-resume) can continue on another layout, device or logging setup.
 _NOT_HASHED = {"parallel", "logging", "checkpoint"}
-_NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "use_profiler",
+_NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "activation_checkpointing", "use_profiler",
                       "steps_to_profile", "num_workers", "use_distributed_optimizer",
                       "data_cache_dir", "tokenize_num_proc", "max_skipped_steps"}
 

@@ -147,9 +147,13 @@ class Trainer:
             if cfg.model.use_moe:
                 apply_expert_parallel(model, ps.get_ep_group())
         model.to(self.device)
+        model.set_activation_checkpointing(cfg.training.activation_checkpointing)
         if cfg.training.use_compile:
+            # Dense blocks without sequence parallelism compile to one graph each (fullgraph
+            # asserts it); the Ulysses all-to-alls and the MoE split-size sync break graphs.
+            fullgraph = ps.get_sep_size() == 1 and not cfg.model.use_moe
             for layer in model.layers:
-                layer.compile()
+                layer.compile(fullgraph=fullgraph)
         if self.is_main:
             counts = count_parameters(cfg.model)
             print(f"[tinytron] parameters: {counts['total'] / 1e6:.2f}M total, "
@@ -278,11 +282,11 @@ class Trainer:
         stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()), flags, *extra))
         if dist.is_initialized():
             dist.all_reduce(stats)
-        values = stats.tolist()
+        values = torch.cat((stats, grad_norm.view(1))).tolist()  # the step's one host sync
+        grad_norm = values.pop()
         lm_loss, aux_loss, stop, save_due = values[:4]
         expert_load = None if load is None else [
             [round(v) for v in values[4 + i * load.shape[1]:4 + (i + 1) * load.shape[1]]] for i in range(load.shape[0])]
-        grad_norm = grad_norm.item()
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()

@@ -1,0 +1,94 @@
+"""Activation checkpointing, torch.compile and host-sync hygiene (CPU, fp32)."""
+
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.utils import tiny_config
+from tinytron.model import GPT, ModelConfig
+from tinytron.training import Trainer
+
+CFG = ModelConfig(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4,
+                  num_key_value_heads=2, hidden_size=32, intermediate_size=64)
+MOE = dataclasses.replace(CFG, use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def loss_grads_and_saved_bytes(cfg, mode, seed=0):
+    """One training forward/backward; returns (loss, grads, bytes of tensors saved for backward)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).train()
+    model.set_activation_checkpointing(mode)
+    idx = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        torch.manual_seed(123)  # dropout mask
+        _, loss = model(idx, targets=idx)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, dropout=0.1), MOE], ids=["dense", "dropout", "moe"])
+def test_activation_checkpointing_is_exact_and_saves_memory(cfg):
+    ref_loss, ref_grads, ref_bytes = loss_grads_and_saved_bytes(cfg, "none")
+    sizes = {}
+    for mode in ("selective", "full"):
+        loss, grads, sizes[mode] = loss_grads_and_saved_bytes(cfg, mode)
+        assert torch.equal(loss, ref_loss)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=0, msg=name)
+    # What autograd keeps for backward: full < selective < none.
+    assert sizes["full"] < sizes["selective"] < ref_bytes
+
+
+def test_bad_activation_checkpointing_mode():
+    with pytest.raises(ValueError, match="--activation_checkpointing some"):
+        GPT(CFG).set_activation_checkpointing("some")
+
+
+def test_compiled_blocks_match_eager():
+    """Each dense block compiles to one graph (fullgraph=True raises on a graph break); compiled
+    and eager agree to float rounding (inductor fuses and reorders fp32 arithmetic)."""
+    cfg = dataclasses.replace(CFG, num_layer=1)
+    torch.manual_seed(0)
+    eager = GPT(cfg)
+    compiled = GPT(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    for layer in compiled.layers:
+        layer.compile(fullgraph=True)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    (_, le), (_, lc) = eager(idx, targets=idx), compiled(idx, targets=idx)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_one_host_sync_per_optimizer_step(tmp_path, monkeypatch):
+    """With 4 micro-steps per optimizer step the dense Trainer's code makes exactly one
+    device-to-host transfer (.item/.tolist/.cpu) per step: metrics are reduced once per step.
+    Calls from torch itself (AdamW reads its CPU-resident step counters) are not ours to count."""
+    trainer = Trainer(tiny_config(tmp_path, "--no-do_save", "--no-do_val", "--max_steps", "3"))
+    assert trainer.grad_accum_steps == 4
+    calls = []
+
+    def spy(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}tinytron{os.sep}" in caller:
+                calls.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    batches = trainer._train_loader()
+    for step in range(3):
+        calls.clear()
+        trainer.train_step(batches)
+        trainer.step += 1
+        assert calls == ["tolist"], calls
