@@ -2,6 +2,7 @@
 # Tiny Shakespeare with its byte-level BPE tokenizer (vocab 4096) on CPU: a ~2.6M-parameter
 # model, one process, a few minutes. DATA and TOKENIZER override the local paths.
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}  # one process: let it use every core
 source "$(dirname "$0")/../launch.sh"
 DATA=${DATA:-../shared/data/tinyshakespeare/input.txt}
 TOKENIZER=${TOKENIZER:-../shared/data/tinyshakespeare/tokenizer}

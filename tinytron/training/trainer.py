@@ -52,7 +52,8 @@ class Trainer:
         self.model = self._init_model()
         self.optimizer = DistributedOptimizer(
             self._init_optimizer(), process_group=dist.group.WORLD if dist.is_initialized() else None,
-            expert_process_group=ps.get_dp_group(), grad_scale=1.0 / ps.get_dp_size(),
+            expert_process_group=ps.get_dp_group(), expert_parallel_group=ps.get_ep_group(),
+            grad_scale=1.0 / ps.get_dp_size(),
             shard=config.optim.use_distributed_optimizer,
             param_names={p: n for n, p in self.model.named_parameters()})
         self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs

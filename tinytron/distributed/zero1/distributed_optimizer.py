@@ -213,10 +213,11 @@ class DistributedOptimizer:
     def state_dict(self) -> dict:
         """The full optimizer state, tensors on CPU, on every rank. Collective over every group
         (all ranks call it)."""
+        ep = self._expert_parallel_size()
         state = {}
         for buf in self._buffers:
             full = self._full_local_state(buf)
-            if buf is self._expert_buffer and group_size(self.expert_parallel_group) > 1:
+            if buf is self._expert_buffer and ep > 1:
                 self._concat_experts(full)
             for p, st in full.items():
                 state[self._names[p]] = {k: v.detach().to("cpu", copy=True)
@@ -225,6 +226,16 @@ class DistributedOptimizer:
                                       if k not in ("params", "param_names")}), params=names)
                   for g, names in zip(self.optimizer.param_groups, self._group_names)]
         return {"state": state, "param_groups": groups}
+
+    def _expert_parallel_size(self) -> int:
+        """How many ranks hold different experts: process_group = expert group x this."""
+        ep = group_size(self.expert_parallel_group)
+        if (self._expert_buffer is not None
+                and self._expert_buffer.size * ep != group_size(self.process_group)):
+            raise ValueError("expert params differ across process_group ranks outside the "
+                             "expert_process_group: saving or loading their optimizer state needs "
+                             "the expert_parallel_group")
+        return ep
 
     def _full_local_state(self, buf: FlatBuffer) -> dict[nn.Parameter, dict]:
         """param -> its state with per-element tensors of the param's local shape, for every
@@ -283,7 +294,7 @@ class DistributedOptimizer:
         for p in self._expert_buffer.offsets:
             for k in sorted(full.get(p, {}), key=str):
                 v = full[p][k]
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape:
+                if _per_element(v, p):
                     out = torch.empty((ep * p.shape[0], *p.shape[1:]), dtype=v.dtype,
                                       device=v.device)
                     all_gather(out, v.contiguous(), self.expert_parallel_group)
@@ -294,10 +305,10 @@ class DistributedOptimizer:
         setting (every rank passes the full state; no communication). Raises ValueError if its
         param groups do not hold the same parameter names as this optimizer's."""
         saved_groups = state_dict["param_groups"]
-        if (len(saved_groups) != len(self._group_names)
-                or any(set(s["params"]) != set(n) for s, n in zip(saved_groups, self._group_names))):
+        if [set(g["params"]) for g in saved_groups] != [set(n) for n in self._group_names]:
             raise ValueError("optimizer state's param groups do not hold the same parameter names "
                              "as this optimizer's")
+        ep = self._expert_parallel_size()
         # Re-express it as the wrapped optimizer's own state_dict (params numbered in group
         # order) so that its load_state_dict does the casting and checks it always does.
         state, groups, index = {}, [], 0
@@ -307,23 +318,22 @@ class DistributedOptimizer:
                 p, start = self._owner[q]
                 saved_state = state_dict["state"].get(self._names[p])
                 if saved_state is not None:
-                    state[index] = {k: self._local_value(v, p, q, start)
+                    p_ep = ep if getattr(p, "is_expert", False) else 1
+                    state[index] = {k: self._local_value(v, p, q, start, p_ep)
                                     for k, v in saved_state.items()}
                 ids.append(index)
                 index += 1
             groups.append(dict({k: v for k, v in saved.items() if k != "params"}, params=ids))
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-    def _local_value(self, value, p: nn.Parameter, q: nn.Parameter, start: int):
+    def _local_value(self, value, p: nn.Parameter, q: nn.Parameter, start: int, ep: int):
         """This rank's part of one saved state value of param p, for the stepped tensor q (p
-        itself, or the piece of flattened p from `start`). Always a fresh tensor: the optimizer
+        itself, or the piece of flattened p from `start`); ep > 1: p holds chunk
+        rank(expert_parallel_group) of ep along dim 0. Always a fresh tensor: the optimizer
         updates its state in place."""
         if not torch.is_tensor(value):
             return value
-        shape = p.shape
-        ep = group_size(self.expert_parallel_group) if getattr(p, "is_expert", False) else 1
-        if ep > 1:
-            shape = torch.Size((ep * p.shape[0], *p.shape[1:]))
+        shape = torch.Size((ep * p.shape[0], *p.shape[1:])) if ep > 1 else p.shape
         if value.dim() == 0 or value.shape != shape:
             return value.clone()
         if ep > 1:

@@ -3,7 +3,8 @@
 One `FlatBuffer` holds every parameter reduced over one process group. Layout, in elements:
 
     param_data, grad_data: [ bucket 0 | bucket 1 | ... ]      (1-D, same dtype/device as the params)
-    bucket b:              [ p_i | p_i+1 | ... | zero pad ]   length L_b, a multiple of N = group size
+    bucket b:              [ p_i | p_i+1 | ... | zero pad ]   L_b elements, a multiple of N
+                                                              (N = group size)
     rank r's shard of b:   elements [r * L_b / N, (r + 1) * L_b / N) of the bucket
 
 Each model parameter becomes a view into `param_data` (`p.data = param_data[o:o+n].view_as(p)`)
@@ -139,8 +140,8 @@ class FlatBuffer:
         for p, g in self._grads.items():
             if p.grad is not g:
                 raise RuntimeError("a parameter's .grad is no longer its view into the flat grad "
-                                   "buffer (was model.zero_grad() or set_to_none used?); zero grads "
-                                   "with the DistributedOptimizer's zero_grad()")
+                                   "buffer (model.zero_grad() sets it to None); zero grads with "
+                                   "the DistributedOptimizer's zero_grad()")
         if self.size > 1:
             for b in self.buckets:
                 full = self.grad_data[b[0]:b[1]]
