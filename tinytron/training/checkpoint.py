@@ -8,7 +8,8 @@
         COMPLETE       written last: a folder without it is ignored
 
 A checkpoint is written into `.tmp_step_<n>` and renamed when complete, so a crash mid-save
-leaves the previous checkpoints intact and the half-written one invisible.
+leaves the previous checkpoints intact and the half-written one invisible (the next save
+removes it).
 """
 
 import dataclasses
@@ -137,7 +138,9 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dic
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp_step_{step:08d}")
     rank = _rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
+        # Leftovers of killed saves, whatever their step (one save at a time per run folder).
+        for leftover in glob.glob(os.path.join(root, ".tmp_step_*")):
+            shutil.rmtree(leftover, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
     model_state = full_model_state_dict(model)
@@ -173,7 +176,12 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, model_config=None) -
                 raise CheckpointError(f"{path} holds a checkpoint of another model: "
                                       f"{name} {saved[name]} there, {value} here")
     load_full_model_state_dict(model, _load(os.path.join(path, "model.pt")), path)
-    optimizer.load(os.path.join(path, "optimizer"))
+    optimizer_dir = os.path.join(path, "optimizer")
+    try:
+        optimizer.load(optimizer_dir)
+    except Exception as e:  # noqa: BLE001 - as in _load; ValueError: another model's parameter names
+        raise CheckpointError(f"optimizer state in {optimizer_dir} is corrupt, unreadable or of another "
+                              f"model ({type(e).__name__})") from None
     rng_file = os.path.join(path, "rng", f"rank{_rank()}.pt")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if meta.get("world_size") == world and os.path.isfile(rng_file):

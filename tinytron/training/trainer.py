@@ -302,7 +302,8 @@ class Trainer:
         self.model.eval()
         val = Subset(self.val_dataset, range(ps.get_dp_rank(), len(self.val_dataset), ps.get_dp_size()))
         totals = torch.zeros(2, device=self.device)
-        for batch in DataLoader(val, batch_size=self.config.training.batch_size):
+        # A private generator, so validation never draws from the global (dropout) RNG.
+        for batch in DataLoader(val, batch_size=self.config.training.batch_size, generator=torch.Generator()):
             inputs, targets, positions, _ = self._split_batch(batch)
             with self._autocast():
                 logits = self.model(inputs, position_ids=positions)
@@ -318,59 +319,66 @@ class Trainer:
         sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_seqs, t.batch_size,
                                      ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step)
         workers = self.config.data.num_workers
+        # A private generator: creating the iterator draws a seed from it, which from the global
+        # RNG would shift the dropout stream of a resumed run (restored RNG, then a new iterator).
         return iter(DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=workers,
                                pin_memory=self.device.type == "cuda",
-                               prefetch_factor=4 if workers else None))
+                               prefetch_factor=4 if workers else None,
+                               generator=torch.Generator().manual_seed(t.seed)))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
         cfg = self.config
         t, c = cfg.training, cfg.checkpoint
         batches = self._train_loader()
-        tokens_per_step = t.total_batch_size
         flops_tok, peak = flops_per_token(cfg.model, t.seq_len), peak_flops(self.device)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True)
         profiler = None
         self.model.train()
-        while self.step < self.total_steps:
-            if self.is_main and t.use_profiler and self.step == t.steps_to_profile[0]:
-                profiler = torch.profiler.profile()
-                profiler.__enter__()
-            t0 = time.perf_counter()
-            stats = self.train_step(batches)
-            dt = time.perf_counter() - t0
-            step = self.step
-            self.step += 1
-            tok_s = tokens_per_step / dt
-            util = mfu(tok_s / self.world_size, flops_tok, peak)
-            self._log_train(step, stats, dt, tok_s, util, bar)
-            self._count_skips(stats["finite"])
-            if profiler is not None and step == t.steps_to_profile[1]:
+        # `with`: the bar's line is ended even on an error, so the error prints on its own line.
+        with tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True) as bar:
+            while self.step < self.total_steps:
+                if self.is_main and t.use_profiler and self.step == t.steps_to_profile[0]:
+                    profiler = torch.profiler.profile()
+                    profiler.__enter__()
+                t0 = time.perf_counter()
+                stats = self.train_step(batches)
+                stats["step_time"] = time.perf_counter() - t0
+                stats["tokens_per_s"] = t.total_batch_size / stats["step_time"]
+                stats["mfu"] = mfu(stats["tokens_per_s"] / self.world_size, flops_tok, peak)
+                step = self.step
+                self.step += 1
+                self._log_train(step, stats, bar)
+                self._count_skips(stats["finite"])
+                if profiler is not None and step == t.steps_to_profile[1]:
+                    self._finish_profile(profiler)
+                    profiler = None
+                last = self.step == self.total_steps
+                if t.do_val and (self.step % t.val_every_steps == 0 or last):
+                    stats["val_loss"] = self.evaluate()
+                    self._log(f"{step} val {stats['val_loss']:.6f}")
+                self._log_metrics(step, stats)
+                if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"] or stats["save_due"]):
+                    self.save()
+                if stats["stop"]:
+                    if self.is_main:
+                        print(f"[tinytron] SIGTERM: saved step {self.step}, exiting", flush=True)
+                    break
+            if profiler is not None:  # the run ended inside the profiled range
                 self._finish_profile(profiler)
-                profiler = None
-            last = self.step == self.total_steps
-            val = self.evaluate() if t.do_val and (self.step % t.val_every_steps == 0 or last) else None
-            if val is not None:
-                self._log(f"{step} val {val:.6f}")
-            mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-            moe = {"moe/aux_loss": stats["aux_loss"]} if cfg.model.use_moe else {}
-            if stats["expert_load"] is not None:
-                moe["moe/expert_load"] = stats["expert_load"]
-            self.metrics.log(step, {
-                "tokens": self.step * tokens_per_step, "train/loss": stats["loss"], "val/loss": val,
-                "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"], "perf/step_time_s": dt,
-                "perf/tokens_per_s": tok_s, "perf/mfu": util, "perf/peak_memory_gib": mem,
-                "train/skipped_steps": self.skipped_steps, **moe})
-            if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"] or stats["save_due"]):
-                self.save()
-            if stats["stop"]:
-                if self.is_main:
-                    print(f"[tinytron] SIGTERM: saved step {self.step}, exiting", flush=True)
-                break
-        if profiler is not None:  # the run ended inside the profiled range
-            self._finish_profile(profiler)
-        bar.close()
         self.metrics.close()
+
+    def _log_metrics(self, step: int, stats: dict) -> None:
+        """One record per step to metrics.jsonl / TensorBoard / W&B (rank 0 writes)."""
+        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        record = {"tokens": self.step * self.config.training.total_batch_size, "train/loss": stats["loss"],
+                  "val/loss": stats.get("val_loss"), "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
+                  "perf/step_time_s": stats["step_time"], "perf/tokens_per_s": stats["tokens_per_s"],
+                  "perf/mfu": stats["mfu"], "perf/peak_memory_gib": mem, "train/skipped_steps": self.skipped_steps}
+        if self.config.model.use_moe:
+            record["moe/aux_loss"] = stats["aux_loss"]
+        if stats["expert_load"] is not None:
+            record["moe/expert_load"] = stats["expert_load"]
+        self.metrics.log(step, record)
 
     def _finish_profile(self, profiler) -> None:
         profiler.__exit__(None, None, None)
@@ -396,7 +404,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
-    def _log_train(self, step, stats, dt, tok_s, util, bar) -> None:
+    def _log_train(self, step: int, stats: dict, bar) -> None:
         if not stats["finite"]:
             self._log(f"{step} skipped non-finite loss {stats['loss']} grad_norm {stats['grad_norm']}")
         else:
@@ -404,9 +412,10 @@ class Trainer:
         if not self.is_main:
             return
         aux = f" | aux {stats['aux_loss']:.4f}" if self.config.model.use_moe else ""
+        util, tok_s = stats["mfu"], stats["tokens_per_s"]
         mfu_s = "n/a" if util is None else f"{100 * util:.1f}%"
         bar.write(f"step {step:6d} | loss {stats['loss']:.6f}{aux} | lr {stats['lr']:.3e} | grad norm "
-                  f"{stats['grad_norm']:.4f} | {1000 * dt:.0f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s}")
+                  f"{stats['grad_norm']:.4f} | {1000 * stats['step_time']:.0f} ms | {tok_s:,.0f} tok/s | MFU {mfu_s}")
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_s)
         bar.update(1)
 

@@ -1,0 +1,440 @@
+"""Checkpoint and resume guarantees, driven through the real Trainer and entry script (gloo, CPU,
+fp32, tiny models): exact resume, resume on another layout, atomic saves, SIGTERM preemption,
+non-finite steps, and bad input.
+
+Tolerances: a resume on the layout that wrote the checkpoint replays the same fp32 operations in
+the same order, so its losses are compared bitwise (as printed in log.txt, 6 decimals) and its
+final weights with torch.equal. A resume on another layout only changes summation orders
+(gradient reductions, attention over gathered heads, expert regrouping), which stays below 1e-6
+relative over the parity tests' 10 AdamW steps; 1e-5 relative leaves a margin.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_helper import run_distributed
+from tests.utils import TINY_FLAGS, read_log, tiny_config
+from tinytron.training import Trainer
+from tinytron.training.checkpoint import COMPLETE, find_latest, list_complete, step_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_intermediate_size", "32"]
+VARIANTS = {"dense": [], "moe": MOE}
+# Dropout makes the resumed losses depend on the restored RNG states (same layout only: dropout
+# masks depend on the layout).
+SAME_LAYOUT_VARIANTS = {**VARIANTS, "dropout": ["--dropout", "0.1"]}
+# Layouts that resume the world-2 / sep-2 checkpoint of VARIANTS: (world size, sep size).
+LAYOUTS = {"w1": (1, 1), "w4sep1": (4, 1), "w4sep2": (4, 2)}
+
+
+def resume_and_train(log_dir, *flags, cls=Trainer):
+    """Build a trainer of the tiny config (it resumes its run's newest complete checkpoint, if
+    any) and train to the end; -> (run dir, the step it started at)."""
+    trainer = cls(tiny_config(log_dir, *flags))
+    first = trainer.step
+    trainer.train()
+    return trainer.run_dir, first
+
+
+def ckpt_path(run_dir: str, step: int) -> str:
+    return step_dir(os.path.join(run_dir, "checkpoints"), step)
+
+
+def complete_steps(run_dir: str) -> list[int]:
+    return [int(os.path.basename(d)[5:]) for d in list_complete(os.path.join(run_dir, "checkpoints"))]
+
+
+def assert_same_tensors(file_a: str, file_b: str, part: str | None = None) -> None:
+    """Two torch.save'd (nested) dicts (or their entry `part`) hold bitwise-equal tensors and
+    equal other values."""
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        if isinstance(obj, (list, tuple)):
+            return {k: v for i, val in enumerate(obj) for k, v in flat(val, f"{prefix}{i}.").items()}
+        return {prefix: obj}
+    a, b = (torch.load(f, weights_only=True) for f in (file_a, file_b))
+    a, b = (flat(x if part is None else x[part]) for x in (a, b))
+    assert a.keys() == b.keys()
+    for key in a:
+        same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+        assert same, f"{key} differs between {file_a} and {file_b}"
+
+
+def snapshot(path: str) -> dict:
+    """{file: (mtime_ns, bytes)} of every file under path (or of the file path itself)."""
+    files = [path] if os.path.isfile(path) else \
+        [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            out[f] = (os.stat(f).st_mtime_ns, fh.read())
+    return out
+
+
+# ---------------------------------------------------------------------- exact resume, any layout
+def _write_and_resume_at_world_2(base, variants, layouts):
+    """World 2, sep 2, ZeRO-1 (sharded over the 2 ranks). Per variant: train 8 steps saving at 4
+    and 8 into <base>/<name>; keep a copy of that uninterrupted run; delete step 8 (as if the job
+    died after step 6) and, for VARIANTS, copy the run once per other layout; run the same
+    command again.
+    -> {name: step the re-run started at}."""
+    starts = {}
+    for name, flags in variants.items():
+        flags = [*flags, "--sep_size", "2"]
+        run_dir, _ = resume_and_train(f"{base}/{name}", *flags)
+        if dist.get_rank() == 0:
+            run_name = os.path.basename(run_dir)
+            shutil.copytree(run_dir, f"{base}/{name}-uninterrupted/{run_name}")
+            shutil.rmtree(ckpt_path(run_dir, 8))
+            for layout in layouts if name in VARIANTS else ():
+                shutil.copytree(run_dir, f"{base}/{name}-{layout}/{run_name}")
+        dist.barrier()
+        _, starts[name] = resume_and_train(f"{base}/{name}", *flags)
+    return starts
+
+
+def _resume_on_layouts(jobs):
+    """Resume each (log dir, flags) job in this world; -> the steps they started at."""
+    return [resume_and_train(log_dir, *flags)[1] for log_dir, flags in jobs]
+
+
+@pytest.fixture(scope="module")
+def world2_runs(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("world2"))
+    starts = run_distributed(_write_and_resume_at_world_2, 2, base, SAME_LAYOUT_VARIANTS, list(LAYOUTS))[0]
+    return base, starts
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe", "dropout"])
+def test_exact_resume_same_layout(world2_runs, variant):
+    """World 2, sep 2, ZeRO-1, dense, MoE and dense with dropout: the re-run resumes at step 4,
+    rewinds log.txt, logs every step once, and reproduces the uninterrupted losses (train and
+    val) and final weights and optimizer state bitwise."""
+    base, starts = world2_runs
+    assert starts[variant] == 4
+    flags = SAME_LAYOUT_VARIANTS[variant]
+    run_dir = tiny_config(f"{base}/{variant}", *flags).run_dir
+    ref_dir = tiny_config(f"{base}/{variant}-uninterrupted", *flags).run_dir
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        steps = [(int(line.split()[0]), line.split()[1]) for line in f]
+    assert steps == [(s, "train") for s in range(4)] + [(3, "val")] + \
+        [(s, "train") for s in range(4, 8)] + [(7, "val")]
+    for kind in ("train", "val"):
+        assert read_log(run_dir, kind) == read_log(ref_dir, kind)
+    assert complete_steps(run_dir) == [4, 8]
+    for f in ("model.pt", "optimizer/optimizer.pt"):
+        assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), f), os.path.join(ckpt_path(ref_dir, 8), f))
+
+
+def test_resume_on_other_layouts(world2_runs):
+    """The world-2 / sep-2 checkpoint of step 4, resumed by the same command at world 1, world 4
+    with sep 1 (ZeRO-1 over 4 ranks) and world 4 with sep 2 (MoE: experts resharded): the run
+    folder is the same (auto-resume finds it), and steps 4..7 and the val losses equal the
+    uninterrupted world-2 run's within 1e-5 relative."""
+    base, _ = world2_runs
+    jobs = {(1, 1): [], (4, 1): [], (4, 2): []}
+    for name, flags in VARIANTS.items():
+        for layout, (world, sep) in LAYOUTS.items():
+            jobs[world, sep].append((f"{base}/{name}-{layout}", [*flags, "--sep_size", str(sep)]))
+    starts = _resume_on_layouts(jobs[1, 1])
+    for rank_starts in run_distributed(_resume_on_layouts, 4, jobs[4, 1] + jobs[4, 2]):
+        starts += rank_starts
+    assert starts == [4] * len(starts)
+    for name, flags in VARIANTS.items():
+        ref_dir = tiny_config(f"{base}/{name}-uninterrupted", *flags).run_dir
+        for layout in LAYOUTS:
+            run_dir = tiny_config(f"{base}/{name}-{layout}", *flags).run_dir
+            for kind in ("train", "val"):
+                ref, got = read_log(ref_dir, kind), read_log(run_dir, kind)
+                assert sorted(got) == sorted(ref)
+                np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-5,
+                                           err_msg=f"{name} {layout} {kind}")
+
+
+# ---------------------------------------------------------------------- atomic saves
+# Runs the tiny training through the real entry point, SIGKILLed while rank 0 writes meta.pt
+# (the last file before COMPLETE) of the second checkpoint.
+KILLED_IN_SAVE = """
+import os, signal, sys, torch
+from tinytron.training import checkpoint, run
+real_save, metas = torch.save, []
+def save(obj, path, *args, **kwargs):
+    if os.path.basename(path) == "meta.pt":
+        metas.append(path)
+        if len(metas) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *args, **kwargs)
+checkpoint.torch.save = save
+run(argv=sys.argv[1:])
+"""
+
+
+class CrashAtRename(RuntimeError):
+    pass
+
+
+def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    """SIGKILL while writing checkpoint 8 (with --keep_last_n_checkpoints 1): checkpoint 4 is
+    still there and complete, the half-written .tmp folder is ignored, and the next run resumes
+    from 4, removes every .tmp folder (also one of a step it does not save) and reproduces the
+    uninterrupted run bitwise. Same for a crash after COMPLETE was written into the .tmp folder
+    but before its rename."""
+    ref_dir, _ = resume_and_train(tmp_path / "ref")
+    keep = ["--keep_last_n_checkpoints", "1"]
+    r = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, *TINY_FLAGS, "--log_dir", str(tmp_path / "killed"),
+                        *keep], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    run_dir = tiny_config(tmp_path / "killed").run_dir
+    tmp = os.path.join(run_dir, "checkpoints", ".tmp_step_00000008")
+    assert sorted(os.listdir(tmp)) == ["model.pt", "optimizer", "rng"]  # died inside the save
+    assert complete_steps(run_dir) == [4] and find_latest(run_dir) == ckpt_path(run_dir, 4)
+    os.makedirs(os.path.join(run_dir, "checkpoints", ".tmp_step_00000005"))  # an older killed save
+
+    assert resume_and_train(tmp_path / "killed", *keep) == (run_dir, 4)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000008"]
+    for kind in ("train", "val"):
+        assert read_log(run_dir, kind) == read_log(ref_dir, kind)
+    assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), "model.pt"),
+                        os.path.join(ckpt_path(ref_dir, 8), "model.pt"))
+
+    # Crash between COMPLETE and the rename: the .tmp folder is complete inside, still ignored.
+    real_rename, renames = os.rename, []
+
+    def rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise CrashAtRename(dst)
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CrashAtRename):
+        resume_and_train(tmp_path / "renamed")
+    monkeypatch.undo()
+    run_dir = tiny_config(tmp_path / "renamed").run_dir
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", ".tmp_step_00000008", COMPLETE))
+    assert find_latest(run_dir) == ckpt_path(run_dir, 4)
+    assert resume_and_train(tmp_path / "renamed") == (run_dir, 4)
+    assert read_log(run_dir) == read_log(ref_dir) and complete_steps(run_dir) == [4, 8]
+
+
+def test_keep_last_n_removes_old_only_after_new_is_complete(tmp_path, monkeypatch):
+    """--keep_last_n_checkpoints 2, saves at 2, 4, 6, 8: checkpoint 2 is removed once 6 is
+    complete, 4 once 8 is; 6 and 8 remain, and no .tmp folder."""
+    real_rmtree, removals = shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):
+        if os.path.isfile(os.path.join(path, COMPLETE)):
+            removals.append((os.path.basename(path), complete_steps(os.path.dirname(os.path.dirname(path)))))
+        real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    run_dir, _ = resume_and_train(tmp_path, "--save_every_steps", "2", "--keep_last_n_checkpoints", "2")
+    assert removals == [("step_00000002", [2, 4, 6]), ("step_00000004", [4, 6, 8])]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000006", "step_00000008"]
+
+
+# ---------------------------------------------------------------------- preemption
+def _start_torchrun(log_dir, out_dir):
+    """A 2-process torchrun job of the tiny model that would run for a very long time; its output
+    goes to files (a pipe nobody reads would fill and block it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(log_dir), "--max_steps", "100000",
+           "--save_every_steps", "100000", "--val_every_steps", "100000"]
+    os.makedirs(out_dir)
+    with open(f"{out_dir}/stdout", "w") as out, open(f"{out_dir}/stderr", "w") as err:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+
+
+def _wait_for_train_lines(proc, run_dir, n=3, timeout=60):
+    """Until log.txt holds n finished train lines (the last line may be half written)."""
+    log, deadline = os.path.join(run_dir, "log.txt"), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before it was signalled"
+        if os.path.exists(log):
+            with open(log) as f:
+                if sum(line.endswith("\n") and " train " in line for line in f) >= n:
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} steps logged in {timeout} s")
+
+
+def _workers(pid: int) -> list[int]:
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    workers = []
+    for kid in map(int, kids):
+        with open(f"/proc/{kid}/cmdline", "rb") as f:
+            if b"pretrain_debug.py" in f.read():
+                workers.append(kid)
+    return workers
+
+
+def _check_preempted(run_dir, out_dir):
+    """The checkpoint of the step after the last logged one is the only one, complete, with the
+    RNG states of both ranks."""
+    last = max(read_log(run_dir))
+    assert complete_steps(run_dir) == [last + 1]
+    path = ckpt_path(run_dir, last + 1)
+    assert sorted(os.listdir(os.path.join(path, "rng"))) == ["rank0.pt", "rank1.pt"]
+    assert torch.load(os.path.join(path, "meta.pt"), weights_only=True)["step"] == last + 1
+    with open(f"{out_dir}/stdout") as f:
+        assert f"[tinytron] SIGTERM: saved step {last + 1}, exiting" in f.read()
+
+
+def test_sigterm_to_workers_saves_and_exits_zero(tmp_path):
+    """SLURM-style preemption: SIGTERM to every worker of a torchrun job mid-training. The ranks
+    agree on the stop in the step's all-reduce, save, and the job exits 0. Kubernetes-style
+    (SIGTERM to torchrun itself): torchrun forwards SIGTERM to the workers, which save the same
+    way within its --shutdown_timeout (30 s default); torchrun then exits 1 (it re-raises the
+    signal as SignalException), which is torch's behaviour, so only the checkpoint is checked."""
+    flags = ["--max_steps", "100000", "--save_every_steps", "100000", "--val_every_steps", "100000"]
+    jobs = {}
+    for target in ("workers", "torchrun"):  # both jobs start together: their imports overlap
+        log_dir = tmp_path / target
+        jobs[target] = (_start_torchrun(log_dir, tmp_path / f"{target}-out"), tiny_config(log_dir, *flags).run_dir)
+    for target, (proc, run_dir) in jobs.items():
+        _wait_for_train_lines(proc, run_dir)
+        workers = _workers(proc.pid)
+        assert len(workers) == 2
+        for pid in (workers if target == "workers" else [proc.pid]):
+            os.kill(pid, signal.SIGTERM)
+    for target, (proc, run_dir) in jobs.items():
+        code = proc.wait(timeout=60)
+        if target == "workers":
+            assert code == 0, (tmp_path / f"{target}-out" / "stderr").read_text()[-3000:]
+        _check_preempted(run_dir, tmp_path / f"{target}-out")
+    run_dir = jobs["workers"][1]  # loadable: a world-1 trainer of the same command resumes from it
+    assert Trainer(tiny_config(tmp_path / "workers", *flags)).step == max(read_log(run_dir)) + 1
+
+
+# ---------------------------------------------------------------------- non-finite steps
+class NaNTrainer(Trainer):
+    """Multiplies the language-model loss by NaN at the (0-based) steps in `nan_steps`."""
+    nan_steps = range(0)
+
+    def _forward_loss(self, batch):
+        lm, aux = super()._forward_loss(batch)
+        return (lm * float("nan") if self.step in self.nan_steps else lm), aux
+
+
+class SnapshotNaNTrainer(NaNTrainer):
+    """Also keeps the parameters and the optimizer's per-parameter state after every step."""
+
+    def train_step(self, batches):
+        stats = super().train_step(batches)
+        params = [p.detach().clone() for p in self.model.parameters()]
+        state = [v.clone() for s in self.optimizer.optimizer.state.values() for v in s.values()]
+        self.snapshots.append((params, state))
+        return stats
+
+
+def test_non_finite_steps_are_skipped(tmp_path):
+    """NaN loss at steps 3 and 4: both are logged as skipped and counted, they change neither the
+    parameters nor the optimizer state, and the run goes on with finite losses."""
+    trainer = SnapshotNaNTrainer(tiny_config(tmp_path))
+    trainer.nan_steps, trainer.snapshots = {3, 4}, []
+    trainer.train()
+    with open(os.path.join(trainer.run_dir, "log.txt")) as f:
+        skipped = [line.split()[0] for line in f if line.split()[1] == "skipped"]
+    assert skipped == ["3", "4"]
+    train = read_log(trainer.run_dir)
+    assert sorted(train) == [0, 1, 2, 5, 6, 7] and all(np.isfinite(list(train.values())))
+    assert trainer.skipped_steps == 2 and trainer.consecutive_skips == 0
+    assert torch.load(os.path.join(ckpt_path(trainer.run_dir, 8), "meta.pt"), weights_only=True)["skipped_steps"] == 2
+    snaps = trainer.snapshots
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+    assert same(snaps[2], snaps[3]) and same(snaps[2], snaps[4]) and not same(snaps[4], snaps[5])
+    assert all(torch.isfinite(p).all() for p in snaps[-1][0])
+
+
+NAN_FROM_STEP_2 = """
+import sys
+from tests.test_checkpoint import NaNTrainer
+from tinytron.training import run
+NaNTrainer.nan_steps = range(2, 10**9)
+run(NaNTrainer, argv=sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def nan_stop(tmp_path_factory):
+    """NaN from step 2 on, --max_skipped_steps 3, saving every 2 steps, run through the entry
+    point (steps 2, 3 and 4 are skipped; checkpoint 4 is written after step 3);
+    -> (finished process, log dir, flags)."""
+    log_dir = tmp_path_factory.mktemp("nan_stop")
+    flags = ["--save_every_steps", "2", "--max_skipped_steps", "3"]
+    r = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_2, *TINY_FLAGS, "--log_dir", str(log_dir), *flags],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    return r, log_dir, flags
+
+
+def _max_skipped_error(run_dir: str) -> str:
+    return (f"error: 3 consecutive steps with a non-finite loss or grad norm (--max_skipped_steps 3) "
+            f"at step 4; last good checkpoint: {ckpt_path(run_dir, 4)}")
+
+
+def test_too_many_non_finite_steps_stop_the_run(nan_stop):
+    """Exit 1 with an error naming the flag and the last checkpoint, no traceback; checkpoints 2
+    and 4 are complete and 4 holds the weights and optimizer state of 2 (the skipped steps
+    changed nothing); a plain Trainer resumes from 4 and trains on with finite losses."""
+    r, log_dir, flags = nan_stop
+    run_dir = tiny_config(log_dir, *flags).run_dir
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith(_max_skipped_error(run_dir)) and "Traceback" not in r.stderr
+    assert complete_steps(run_dir) == [2, 4]
+    first, second = ckpt_path(run_dir, 2), ckpt_path(run_dir, 4)
+    assert_same_tensors(os.path.join(first, "model.pt"), os.path.join(second, "model.pt"))
+    assert_same_tensors(os.path.join(first, "optimizer/optimizer.pt"),
+                        os.path.join(second, "optimizer/optimizer.pt"), part="state")
+    assert resume_and_train(log_dir, *flags) == (run_dir, 4)
+    train = read_log(run_dir)
+    assert sorted(train) == [0, 1, 4, 5, 6, 7] and all(np.isfinite(list(train.values())))
+
+
+def test_training_error_is_printed_on_its_own_line(nan_stop):
+    r, log_dir, flags = nan_stop
+    assert r.stderr.endswith("\n" + _max_skipped_error(tiny_config(log_dir, *flags).run_dir) + "\n")
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
+    """`python pretrain_debug.py` with: a --resume_path that does not exist; a --resume_path
+    holding another model shape; a truncated model.pt; a truncated optimizer.pt; a --log_dir
+    under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
+    with one line on stderr starting with "error:" and leaves every existing file as it was."""
+    src_dir, _ = resume_and_train(tmp_path / "src")
+    cases = {}
+    for name in ("model.pt", "optimizer/optimizer.pt"):
+        log_dir = tmp_path / f"corrupt-{os.path.dirname(name) or 'model'}"
+        shutil.copytree(src_dir, log_dir / os.path.basename(src_dir))
+        path = os.path.join(ckpt_path(tiny_config(log_dir).run_dir, 8), name)
+        os.truncate(path, os.path.getsize(path) // 2)
+        cases[f"corrupt {name}"] = (["--log_dir", str(log_dir)], log_dir, "is corrupt")
+    (tmp_path / "afile").write_text("not a folder\n")
+    cases.update({
+        "missing resume_path": (["--log_dir", str(tmp_path / "src"), "--resume_path", str(tmp_path / "nope")],
+                                tmp_path / "src", "does not exist"),
+        "other shape": (["--log_dir", str(tmp_path / "other"), "--hidden_size", "48", "--resume_path", src_dir],
+                        tmp_path / "src", "hidden_size 32 there, 48 here"),
+        "unwritable log_dir": (["--log_dir", str(tmp_path / "afile" / "logs")], tmp_path / "afile",
+                               "is not writable"),
+    })
+    before = {name: snapshot(str(watched)) for name, (_, watched, _) in cases.items()}
+    procs = {name: subprocess.Popen([sys.executable, "pretrain_debug.py", *TINY_FLAGS, *flags], cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (flags, _, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err}"
+        assert cases[name][2] in lines[0], f"{name}: {lines[0]}"
+        assert snapshot(str(cases[name][1])) == before[name], name
