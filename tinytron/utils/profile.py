@@ -1,6 +1,8 @@
-"""FLOPs per token of this architecture and model FLOPs utilisation (MFU)."""
+"""FLOPs per token of this architecture, a FLOP counter that measures the same quantity on a real
+forward + backward (to check the formula), and model FLOPs utilisation (MFU)."""
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tinytron.model.config import ModelConfig
 
@@ -12,13 +14,19 @@ PEAK_BF16_FLOPS = (
 )
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs (forward + backward = 3 x forward) per token at sequence length `seq_len`.
 
     Forward per token: 2 FLOPs per weight of every matmul (q, k, v, o with GQA widths; the MLP, or
-    the router and the top-k experts of an MoE layer; the lm head), plus causal attention: query t
-    sees t+1 keys, so QK^T and AV cost 2 * 2 * H * D * (T+1)/2 per token on average. Norms,
+    the router and the top-k experts of an MoE layer; the lm head), plus attention, QK^T and AV,
+    2 * 2 * H * D FLOPs per (query, key) pair. With `causal` query t sees t + 1 keys, (T + 1) / 2
+    on average, which is what a causal kernel computes; with causal=False every query sees all T
+    keys (the convention of PaLM's 6N + 12 L H D T, nanoGPT's estimate, and of
+    torch's FlopCounterMode, which counts SDPA as full attention). Backward is 2 x forward for
+    every matmul (input and weight gradients); recomputation (activation checkpointing, the flash
+    kernels' QK^T in backward) is hardware work, not model FLOPs, and is not counted. Norms,
     softmax, RoPE and elementwise work are not counted (convention of PaLM/Megatron MFU).
+    Measured equal to `model_flop_counter` on our GPT (tests/test_profile.py).
     """
     c, h, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     attn_weights = c * (h + 2 * kv) * d + h * d * c
@@ -26,10 +34,61 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         mlp_weights = c * cfg.num_experts + cfg.num_experts_per_tok * 3 * c * cfg.moe_intermediate_size
     else:
         mlp_weights = 3 * c * cfg.intermediate_size
-    per_layer = 2 * (attn_weights + mlp_weights) + 2 * h * d * (seq_len + 1)
+    keys_per_query = (seq_len + 1) / 2 if causal else seq_len
+    per_layer = 2 * (attn_weights + mlp_weights) + 4 * h * d * keys_per_query
     forward = cfg.num_layer * per_layer + 2 * c * cfg.vocab_size
     return 3.0 * forward
 
+
+# ------------------------------------------------------------------------- FLOP counter
+
+def _attention_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Full (non-causal) QK^T and AV, torch's own formula for its CUDA SDPA kernels."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The four matmuls of the attention backward (dV, dP, dQ, dK) = 2 x forward. torch's formula
+    adds a fifth, the flash kernels' recomputation of QK^T: hardware work, not model FLOPs."""
+    return 2 * sdpa_flop_count(query, key, value)
+
+
+def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    """aten._grouped_mm (the MoE experts on CUDA; its backward uses it too): 2 FLOPs per
+    multiply-add, the dimension split into groups by `offs` counted once in total:
+    [M, K] x [G, K, N] (rows grouped) and [K, M] x [M, N] (contraction grouped: the weight
+    gradient) -> 2MKN; [G, M, K] x [K, N] (columns grouped) -> 2MKN; [G, M, K] x [G, K, N] -> 2GMKN."""
+    if len(a) == 2 and len(b) == 3:
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 2 and len(b) == 2:
+        return 2 * a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 2:
+        return 2 * a[1] * a[2] * b[1]
+    return 2 * a[0] * a[1] * a[2] * b[2]
+
+
+def model_flop_counter() -> FlopCounterMode:
+    """`torch.utils.flop_counter.FlopCounterMode` counting model FLOPs as `flops_per_token(...,
+    causal=False)` defines them. torch's own formulas count mm / addmm / bmm and the CUDA SDPA
+    forward (full attention: it ignores is_causal); this adds what it does not count or counts
+    differently:
+      * the CPU flash-attention kernels (forward and backward), which it skips (0 FLOPs);
+      * attention backward as 2 x forward, without the flash recomputation of QK^T;
+      * aten._grouped_mm (the grouped-GEMM MoE path).
+    Use: `with model_flop_counter() as fc: ...; fc.get_total_flops()`."""
+    aten = torch.ops.aten
+    backward_ops = [aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                    aten._scaled_dot_product_flash_attention_backward,
+                    aten._scaled_dot_product_efficient_attention_backward,
+                    aten._scaled_dot_product_cudnn_attention_backward]
+    mapping = {op: _attention_backward_flops for op in backward_ops}
+    mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _attention_forward_flops
+    if hasattr(aten, "_grouped_mm"):
+        mapping[aten._grouped_mm] = _grouped_mm_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+# -------------------------------------------------------------------------------------- MFU
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's bf16 peak, or None when unknown (CPU, unlisted GPU): MFU is then reported n/a."""

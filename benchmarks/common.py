@@ -1,0 +1,114 @@
+"""Shared by the benchmark scripts: model presets, a timed training step, the machine description
+and the markdown output (printed, and appended to a doc with --append)."""
+
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tinytron.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: ModelConfig
+    seq_len: int
+    batch: int
+
+
+PRESETS = {
+    # 11.0M parameters: a step takes a fraction of a second on a few CPU cores.
+    "cpu": Preset(ModelConfig(vocab_size=4096, num_layer=6, num_attention_heads=6, num_key_value_heads=2,
+                              hidden_size=384, intermediate_size=1024, block_size=256), 256, 4),
+    # The default ModelConfig at its training length: 0.23B parameters (51M of them the tied
+    # embedding), the "0.25B" model.
+    "0.25b": Preset(ModelConfig(vocab_size=50304, num_layer=12, num_attention_heads=32, num_key_value_heads=4,
+                                hidden_size=1024, intermediate_size=4096, block_size=4096), 4096, 4),
+}
+
+# --dtype: the autocast dtype; parameters, gradients and AdamW state stay fp32 either way.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """One training step of `model`: loss = loss_fn() under autocast, backward, AdamW step,
+    zero_grad (set_to_none). AdamW runs with torch's default implementation choice (foreach on
+    CUDA, the per-parameter loop on CPU), the same for every model a benchmark compares."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
+                 autocast_dtype: torch.dtype | None):
+        self.loss_fn, self.device, self.autocast_dtype = loss_fn, device, autocast_dtype
+        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def __call__(self) -> tuple[float, torch.Tensor]:
+        """Runs one step; returns (seconds, the detached loss). The device is synchronised before
+        and after, so the time is the step's alone."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+              else contextlib.nullcontext()):
+            loss = self.loss_fn()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        synchronize(self.device)
+        return time.perf_counter() - t0, loss.detach()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    """One line: the GPU (for a CUDA run), the CPU model, its cores and torch's thread count."""
+    threads = torch.get_num_threads()
+    cpu = f"{cpu_name()} ({os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''})"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}; host {cpu}"
+    return cpu
+
+
+def command_line(module: str) -> str:
+    """The command that reproduces this run, as typed from the repository root."""
+    return " ".join(["python -m", module] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, device: torch.device, module: str, body: str, append: str | None) -> None:
+    """Print a section (title, date, machine, torch version, command, then `body`: notes and
+    tables in markdown) and, when `append` is a path, append it to that file."""
+    section = (f"## {title}\n\n"
+               f"- date: {datetime.date.today().isoformat()}\n"
+               f"- machine: {machine(device)}\n"
+               f"- torch {torch.__version__}\n"
+               f"- command: `{command_line(module)}`\n\n"
+               f"{body.strip()}\n")
+    print(section)
+    if append:
+        os.makedirs(os.path.dirname(append) or ".", exist_ok=True)
+        with open(append, "a") as f:
+            f.write("\n" + section)
