@@ -1,23 +1,48 @@
 # Sourced by the pretrain.sh scripts: `launch ENTRY_SCRIPT FLAGS...` runs torchrun with the
 # cluster layout taken from the environment:
-#   NUM_NODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
-#   NPROC_PER_NODE (GPUs on this node, or 1 without GPUs), SEP_SIZE (1: no sequence/expert parallelism)
+#   NUM_NODES (1); MASTER_ADDR (127.0.0.1) and MASTER_PORT (29500): the rendezvous endpoint, on
+#     one of the nodes, the same on every node (NODE_RANK is not needed: nodes are ranked as they join),
+#   NPROC_PER_NODE (GPUs on this node, or 1 without GPUs), SEP_SIZE (1: no sequence/expert parallelism),
+#   MAX_RESTARTS (3): when a worker dies, torchrun stops the others and restarts them all, up to
+#     this many times; each restart resumes from the run's newest complete checkpoint,
+#   RUN_ID (tinytron): the rendezvous id, the same on every node of a job.
 # Extra flags given to pretrain.sh are appended, so they override the script's.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 NUM_NODES=${NUM_NODES:-1}
-NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
+if [ -z "${NPROC_PER_NODE:-}${PET_NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
 fi
 SEP_SIZE=${SEP_SIZE:-1}
+# The workers of a restart must not share the agent's TCPStore: it still holds the previous
+# attempt's gloo/NCCL addresses, and the new process group connects to those and fails or hangs
+# (pytorch#135712). Unshared, each attempt bootstraps from a fresh store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+# Append `FLAG VALUE` to torchrun's arguments unless the platform already set torchrun's own
+# variable for it (PET_NNODES for --nnodes, ...; Kubeflow's PyTorchJob does): torchrun reads
+# those itself, and a flag on the command line would override them.
+torchrun_args=()
+opt() {
+  local var="PET_$(tr 'a-z-' 'A-Z_' <<< "${1#--}")"
+  [ -n "${!var:-}" ] || torchrun_args+=("$1" "$2")
+}
+opt --nnodes "$NUM_NODES"
+opt --nproc-per-node "${NPROC_PER_NODE:-}"
+opt --max-restarts "${MAX_RESTARTS:-3}"
+# The c10d rendezvous, also on one node: torchrun's static one cannot restart workers (it keeps
+# one store for all attempts); with c10d a restarted node rejoins the job. Skipped when the
+# platform runs the rendezvous.
+if [ -z "${PET_RDZV_ENDPOINT:-}${PET_MASTER_ADDR:-}" ]; then
+  opt --rdzv-backend c10d
+  opt --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+  opt --rdzv-id "${RUN_ID:-tinytron}"
+fi
 
 launch() {
   local entry=$1; shift
-  exec torchrun --nnodes "$NUM_NODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
-    --master_port "$MASTER_PORT" --nproc_per_node "$NPROC_PER_NODE" \
-    "$entry" --sep_size "$SEP_SIZE" "$@"
+  exec torchrun "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@"
 }

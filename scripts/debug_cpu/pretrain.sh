@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A laptop/CPU run: 2 processes on gloo, a tiny model on mock data, about a minute.
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
+MAX_RESTARTS=${MAX_RESTARTS:-0}  # a quick CPU run: report a failure at once instead of retrying
 source "$(dirname "$0")/../launch.sh"
 launch pretrain_debug.py \
   --device cpu --precision fp32 --exp_name debug_cpu \

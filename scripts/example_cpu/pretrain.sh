@@ -3,6 +3,7 @@
 # model, one process, a few minutes. DATA and TOKENIZER override the local paths.
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}  # one process: let it use every core
+MAX_RESTARTS=${MAX_RESTARTS:-0}  # a quick CPU run: report a failure at once instead of retrying
 source "$(dirname "$0")/../launch.sh"
 DATA=${DATA:-../shared/data/tinyshakespeare/input.txt}
 TOKENIZER=${TOKENIZER:-../shared/data/tinyshakespeare/tokenizer}
