@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.common import cpu_name
 from tests.dist_helper import run_distributed
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model.config import ModelConfig
@@ -99,17 +100,6 @@ def _bench(variant: str):
                 state_bytes=state_bytes, per_step=per_step, numel=numel)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     rows = []
     for variant, label in (("zero1", "ZeRO-1 (reduce-scatter + all-gather)"),
@@ -125,7 +115,7 @@ def main() -> None:
                     f"{wire / 2**20:.2f} | {r['state_bytes'] / 2**20:.2f} |")
     print(f"GPT {r['numel'] / 1e6:.2f}M params, world {WORLD} (gloo, CPU, 1 thread per rank), "
           f"batch {BATCH} x {SEQ} tokens per rank, median of {STEPS} steps after {WARMUP} warm-up")
-    print(f"machine: {_cpu_name()}, {platform.system()}; torch {torch.__version__}; "
+    print(f"machine: {cpu_name()}, {platform.system()}; torch {torch.__version__}; "
           "command: python -m benchmarks.zero1\n")
     print("| variant | step ms | grad sync ms | clip ms | AdamW (+ all-gather) ms "
           "| collective buffers per step (MiB) | total buffer MiB | ring wire MiB per rank "

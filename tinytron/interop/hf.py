@@ -351,7 +351,13 @@ def init_from_hf(model: GPT, hf_dir: str) -> None:
 # ---------------------------------------------------------------------- Tinytron checkpoints
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
+    """A transformers model folder (a Tinytron run folder also has a config.json: ours has no
+    "model_type")."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:

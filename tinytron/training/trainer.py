@@ -57,6 +57,9 @@ class Trainer:
             shard=config.optim.use_distributed_optimizer,
             param_names={p: n for n, p in self.model.named_parameters()})
         self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set has {len(self.train_dataset)} sequences, fewer than one global "
+                              f"batch of {self.global_batch_seqs} (--total_batch_size / --seq_len)")
         t = config.training
         self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
         self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
