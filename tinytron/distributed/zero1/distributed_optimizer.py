@@ -281,6 +281,7 @@ class DistributedOptimizer:
                         shard[p_lo - lo:p_lo - lo + q.numel()] = state[q][key]
                 bucket = torch.empty((end - start), dtype=dtype, device=shard.device)
                 all_gather(bucket, shard, buf.group)
+                bucket = bucket.cpu()  # at most one bucket of gathered state on the device at a time
                 for p in members:
                     if _is_dtype(merged.get(self._names[p], {}).get(key), dtype):
                         o = buf.offsets[p] - start
