@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from tinytron.model import ModelConfig
 
@@ -112,3 +113,33 @@ def report(title: str, device: torch.device, module: str, body: str, append: str
         os.makedirs(os.path.dirname(append) or ".", exist_ok=True)
         with open(append, "a") as f:
             f.write("\n" + section)
+
+
+def init_distributed(device: str) -> torch.device:
+    """Start a torchrun benchmark's process group: NCCL with one GPU per process for "cuda" (or
+    "auto" when CUDA is available), else gloo on CPU. Returns this rank's device."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl")
+        return dev
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def count_a2a_bytes() -> list[int]:
+    """Wrap dist.all_to_all_single so that every call adds the bytes it sends to other ranks to the
+    returned one-element counter (exact for variable splits: the self chunk is not counted)."""
+    counter = [0]
+    real = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                 **kwargs):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
+        rows = input_split_sizes or [input.shape[0] // world] * world
+        counter[0] += (sum(rows) - rows[rank]) * row_bytes
+        return real(output, input, output_split_sizes, input_split_sizes, group=group, **kwargs)
+
+    dist.all_to_all_single = counting
+    return counter

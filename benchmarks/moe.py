@@ -1,6 +1,6 @@
 """Expert parallelism (ep 2) against all experts on every rank (ep 1) for a tiny MoE GPT.
 
-    torchrun --nproc_per_node 2 benchmarks/moe.py [--steps 10 --num_experts 8 ...]
+    torchrun --nproc_per_node 2 -m benchmarks.moe [--steps 10 --num_experts 8 ...]
 
 Every rank processes its own `--batch` sequences of `--seq_len` tokens in both layouts (so the
 same tokens per rank and the same expert FLOPs under balanced routing); only the MoE layers
@@ -14,8 +14,6 @@ noisy: run it on otherwise idle cores.
 """
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,28 +21,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import count_a2a_bytes, init_distributed
+from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.model import GPT, ModelConfig
 from tinytron.model.modules.loss import cross_entropy_sum
-
-
-def count_a2a_bytes() -> list[int]:
-    """Wrap dist.all_to_all_single so that every call adds the bytes it sends to other ranks to the
-    returned one-element counter (exact for variable splits: the self chunk is not counted)."""
-    counter = [0]
-    real = dist.all_to_all_single
-
-    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                 **kwargs):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
-        rows = input_split_sizes or [input.shape[0] // world] * world
-        counter[0] += (sum(rows) - rows[rank]) * row_bytes
-        return real(output, input, output_split_sizes, input_split_sizes, group=group, **kwargs)
-
-    dist.all_to_all_single = counting
-    return counter
 
 
 class Layout:
@@ -103,16 +85,8 @@ def main() -> None:
                    help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
     args = p.parse_args()
 
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-        machine = torch.cuda.get_device_name(device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-        machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-                   f"{torch.get_num_threads()} thread(s) per rank")
+    device = init_distributed(args.device)
+    machine = describe_machine(device)
     world = dist.get_world_size()
     a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, ep, device) for ep in (1, world)]
@@ -129,7 +103,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(f"machine: {machine}; torch {torch.__version__}; world {world} "
               f"({dist.get_backend()}), fp32")
-        print(f"command: torchrun --nproc_per_node {world} benchmarks/moe.py "
+        print(f"command: torchrun --nproc_per_node {world} -m benchmarks.moe "
               f"{' '.join(sys.argv[1:])}")
         print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} "
               f"experts top-{args.top_k} of size {args.moe_intermediate_size}, vocab "

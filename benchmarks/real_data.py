@@ -69,7 +69,7 @@ def main() -> None:
         f"| bits per character (last val) | {bpc:.3f} |",
         f"| the same in nats per character | {bpc * math.log(2):.3f} |",
         "",
-        f"For scale: nanoGPT's character-level Shakespeare on CPU reaches ~1.88 val loss, in nats per",
+        "For scale: nanoGPT's character-level Shakespeare on CPU reaches ~1.88 val loss, in nats per",
         f"character ({1.88 / math.log(2):.2f} bits per character); a per-token loss is not comparable.",
         "",
         f"Loss curve (`python -m tinytron.plot {args.run_dir} --out {args.png}`): ![curves]({os.path.relpath(args.png, 'docs')})",

@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism (sep 2) against data parallelism (dp 2) at equal work.
 
-    torchrun --nproc_per_node 2 benchmarks/sep.py [--steps 10 --seq_len 1024 ...]
+    torchrun --nproc_per_node 2 -m benchmarks.sep [--steps 10 --seq_len 1024 ...]
 
 Both layouts process the same global batch per step, `world` sequences of `--seq_len` tokens, so
 every rank handles the same number of tokens: dp 2 gives each rank one whole sequence; sep 2 gives
@@ -12,8 +12,6 @@ Timings on a shared machine are noisy: run it on otherwise idle cores.
 """
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import count_a2a_bytes, init_distributed
+from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
@@ -41,21 +41,6 @@ def a2a_bytes_per_step(config: ModelConfig, batch: int, local_len: int, sep: int
     heads = 2 * config.num_attention_heads + 2 * kv_heads_to_send(config.num_key_value_heads, sep)
     per_direction = config.num_layer * batch * local_len * heads * config.head_dim * elem_bytes
     return 2 * per_direction * (sep - 1) // sep
-
-
-def count_a2a_bytes() -> list[int]:
-    """Wrap dist.all_to_all_single so that the bytes each call sends off-rank are added to the
-    returned one-element counter: checks the formula above against what the model really sends."""
-    counter = [0]
-    real = dist.all_to_all_single
-
-    def counting(output, input, *args, group=None, **kwargs):
-        world = dist.get_world_size(group)
-        counter[0] += input.numel() * input.element_size() * (world - 1) // world
-        return real(output, input, *args, group=group, **kwargs)
-
-    dist.all_to_all_single = counting
-    return counter
 
 
 class Layout:
@@ -116,16 +101,8 @@ def main() -> None:
                    help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
     args = p.parse_args()
 
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-        machine = torch.cuda.get_device_name(device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-        machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-                   f"{torch.get_num_threads()} thread(s) per rank")
+    device = init_distributed(args.device)
+    machine = describe_machine(device)
     world = dist.get_world_size()
     if args.seq_len % world:
         p.error(f"--seq_len {args.seq_len} must be divisible by the world size {world}")
@@ -144,7 +121,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(f"machine: {machine}; torch {torch.__version__}; world {world} "
               f"({dist.get_backend()}), fp32")
-        print(f"command: torchrun --nproc_per_node {world} benchmarks/sep.py "
+        print(f"command: torchrun --nproc_per_node {world} -m benchmarks.sep "
               f"{' '.join(sys.argv[1:])}")
         print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, heads "
               f"{args.num_attention_heads} (kv {args.num_key_value_heads}), vocab "
