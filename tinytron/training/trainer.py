@@ -252,8 +252,9 @@ class Trainer:
         with self._autocast():
             logits = self.model(inputs, position_ids=positions)
         lm = cross_entropy_sum(logits, targets) / count.clamp(min=1)
-        aux = self.model.aux_loss()
-        return lm, torch.as_tensor(aux, dtype=torch.float32, device=self.device)
+        aux = self.model.aux_loss()  # a tensor for MoE, the float 0.0 for dense models
+        # new_zeros, not torch.tensor(0.0, device=...): a host-to-device copy waits for the GPU.
+        return lm, aux.float() if torch.is_tensor(aux) else lm.new_zeros(())
 
     def train_step(self, batches) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's statistics
@@ -280,7 +281,8 @@ class Trainer:
         # decision, so every rank acts on them at the same step.
         minutes = self.config.checkpoint.save_every_minutes
         save_due = self.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
-        flags = torch.tensor([float(self._stop_requested), float(save_due)], device=self.device)
+        flags = torch.tensor([float(self._stop_requested), float(save_due)],
+                             pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
         # Expert loads are already totals over the EP (= SEP) group: divide by sep before the sum.
         extra = [] if load is None else [load.flatten() / ps.get_sep_size()]
         stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()), flags, *extra))
