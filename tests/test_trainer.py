@@ -180,3 +180,10 @@ def test_trainer_matches_a_plain_pytorch_loop(tmp_path):
     np.testing.assert_allclose([got[s] for s in range(3)], losses, rtol=1e-5)
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.detach(), params[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_profiler_writes_a_chrome_trace(tmp_path):
+    run_dir = train(tmp_path, "--no-do_save", "--max_steps", "4", "--use_profiler", "--steps_to_profile", "1", "2")
+    with open(os.path.join(run_dir, "rank0_trace.json")) as f:
+        trace = json.load(f)
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
