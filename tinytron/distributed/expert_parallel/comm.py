@@ -20,34 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _all_to_all_variable(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-                         group) -> torch.Tensor:
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits,
-                           input_split_sizes=send_splits, group=group)
-    return out
-
-
-class _AllToAllVariable(torch.autograd.Function):
-    """Variable-split all-to-all whose backward is the reverse all-to-all."""
-
-    @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        return _all_to_all_variable(x, send_splits, recv_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all_variable(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
-
-
-def all_to_all_variable(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-                        group) -> torch.Tensor:
-    """x: [sum(send_splits), ...] on this rank; rows [sum(send_splits[:r]), +send_splits[r]) go to
-    rank r of `group`. Returns [sum(recv_splits), ...]: what each rank sent here, in rank order.
-    Differentiable (the gradient takes the reverse route)."""
-    return _AllToAllVariable.apply(x, send_splits, recv_splits, group)
+from tinytron.distributed.all_to_all import all_to_all_variable
 
 
 def _transpose_chunks(x: torch.Tensor, sizes: list[int], rows: int, cols: int) -> torch.Tensor:

@@ -13,35 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Split x into `world` chunks along scatter_dim, send chunk i to rank i, and concatenate what
-    arrives (in rank order) along gather_dim. One `all_to_all_single` (gloo and NCCL)."""
-    world = dist.get_world_size(group)
-    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)
-
-
-class _AllToAll(torch.autograd.Function):
-    """All-to-all whose backward is the reverse all-to-all."""
-
-    @staticmethod
-    def forward(ctx, x, group, scatter_dim, gather_dim):
-        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
-        return _all_to_all(x, group, scatter_dim, gather_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
-
-
-def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Differentiable all-to-all over `group`: x.shape[scatter_dim] must divide by the group size;
-    the result has that dim divided and gather_dim multiplied by it. Backward: the reverse
-    all-to-all (gather_dim scattered, scatter_dim gathered)."""
-    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+from tinytron.distributed.all_to_all import all_to_all
 
 
 def kv_heads_to_send(num_kv_heads: int, sep_size: int) -> int:
