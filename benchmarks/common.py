@@ -143,3 +143,16 @@ def count_a2a_bytes() -> list[int]:
 
     dist.all_to_all_single = counting
     return counter
+
+
+def slowest_rank_seconds(fn, device: torch.device) -> float:
+    """Run fn() on every rank after a barrier; return the slowest rank's wall time (a
+    distributed step is as slow as its slowest rank)."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = torch.tensor([time.perf_counter() - t0], device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()

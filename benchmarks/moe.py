@@ -16,12 +16,11 @@ noisy: run it on otherwise idle cores.
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import count_a2a_bytes, init_distributed
+from benchmarks.common import count_a2a_bytes, init_distributed, slowest_rank_seconds
 from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
@@ -56,15 +55,12 @@ class Layout:
 
     def step(self) -> float:
         self.model.zero_grad(set_to_none=True)
-        dist.barrier()
-        t0 = time.perf_counter()
-        logits = self.model(self.idx)
-        (cross_entropy_sum(logits, self.targets) / self.num_tokens + self.model.aux_loss()).backward()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = torch.tensor([time.perf_counter() - t0], device=self.device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-        return elapsed.item()
+
+        def fwd_bwd():
+            logits = self.model(self.idx)
+            (cross_entropy_sum(logits, self.targets) / self.num_tokens + self.model.aux_loss()).backward()
+
+        return slowest_rank_seconds(fwd_bwd, self.device)
 
 
 def main() -> None:
