@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from tests.dist_helper import run_distributed
 from tests.test_checkpoint import REPO, assert_same_tensors, ckpt_path, complete_steps, resume_and_train
+from tests.test_metrics import _next_second, _tb_scalars
 from tests.utils import TINY_FLAGS, read_log, tiny_config
 from tinytron.data.mock import MockDataset
 from tinytron.data.sampler import GlobalBatchSampler
@@ -54,8 +55,8 @@ def cli(*args, torchrun=False, timeout=180):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """The tiny run, 8 steps, checkpoints at 2, 4, 6, 8 (world 1); -> its run folder."""
-    return resume_and_train(tmp_path_factory.mktemp("base"), *EVERY_2)[0]
+    """The tiny run, 8 steps, checkpoints at 2, 4, 6, 8, TensorBoard on (world 1); -> its run folder."""
+    return resume_and_train(tmp_path_factory.mktemp("base"), *EVERY_2, "--tensorboard")[0]
 
 
 class RecordingTrainer(Trainer):
@@ -81,7 +82,8 @@ def skip_branch(base_run, tmp_path_factory):
     run to the end, its batches recorded; -> (run folder, batches, log of the whole branch)."""
     log_dir = tmp_path_factory.mktemp("skip")
     run_dir = copy_run(base_run, log_dir)
-    trainer = RecordingTrainer(tiny_config(log_dir, *_rewind(run_dir)))
+    _next_second()
+    trainer = RecordingTrainer(tiny_config(log_dir, *_rewind(run_dir), "--tensorboard"))
     trainer.seen = {}
     assert trainer.step == 4 and trainer.data_offset == 3
     trainer.train()
@@ -91,7 +93,8 @@ def skip_branch(base_run, tmp_path_factory):
 def test_skip_data_steps_shifts_the_data_and_resumes_bitwise(base_run, skip_branch):
     """Rewound to step 4 with --skip_data_steps 3: optimizer step s trains on the global batch of
     data step s + 3 (the sampler's order, independently indexed here), recorded in the checkpoint
-    (cumulative offset 3); the steps before 4 are the base run's. Re-running the same command
+    (cumulative offset 3); the steps before 4 are the base run's, and log.txt, metrics.jsonl and
+    TensorBoard hold each step once, the new branch's from 4 on. Re-running the same command
     after losing checkpoint 8 continues the branch from its checkpoint 6 (no second rewind, no
     second skip) and reproduces its losses and weights bitwise."""
     run_dir, seen, branch_log = skip_branch
@@ -110,6 +113,10 @@ def test_skip_data_steps_shifts_the_data_and_resumes_bitwise(base_run, skip_bran
     base = read_log(base_run)
     assert {s: branch_log[s] for s in range(4)} == {s: base[s] for s in range(4)}
     assert all(branch_log[s] != base[s] for s in range(4, 8))
+    assert _metrics_steps(run_dir) == list(range(8))
+    tb = _tb_scalars(run_dir, "train/loss")  # the old branch's steps 4-7 are purged
+    assert [s for s, _ in tb] == list(range(8))
+    np.testing.assert_allclose([v for _, v in tb], [branch_log[s] for s in range(8)], rtol=1e-6)
 
     final = os.path.join(ckpt_path(run_dir, 8), "model.pt")
     kept = os.path.join(run_dir, "uninterrupted_model.pt")
