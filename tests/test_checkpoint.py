@@ -245,6 +245,9 @@ def test_keep_last_n_removes_old_only_after_new_is_complete(tmp_path, monkeypatc
     run_dir, _ = resume_and_train(tmp_path, "--save_every_steps", "2", "--keep_last_n_checkpoints", "2")
     assert removals == [("step_00000002", [2, 4, 6]), ("step_00000004", [4, 6, 8])]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000006", "step_00000008"]
+    removals.clear()  # more to keep than there are: nothing removed
+    run_dir, _ = resume_and_train(tmp_path / "five", "--save_every_steps", "2", "--keep_last_n_checkpoints", "5")
+    assert removals == [] and complete_steps(run_dir) == [2, 4, 6, 8]
 
 
 # ---------------------------------------------------------------------- preemption

@@ -203,8 +203,8 @@ def superseded(root: str, path: str) -> list[str]:
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dict,
                     keep_last_n: int = 0) -> str:
     """Write checkpoint `step` atomically and durably. Collective: every rank calls it.
-    keep_last_n > 0: then delete all but the newest keep_last_n older-or-equal checkpoints (the
-    one just written always stays)."""
+    keep_last_n > 0: then keep it and the newest keep_last_n - 1 older checkpoints, delete the
+    rest (never the one just written)."""
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp_step_{step:08d}")
     rank = _rank()
     if rank == 0:
@@ -233,7 +233,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dic
         _fsync(root)  # the rename itself survives a power loss
         if keep_last_n > 0:  # only now that the new one is complete; never the new one itself
             older = [d for d in list_complete(root) if step_of(d) < step]
-            for old in older[:len(older) - (keep_last_n - 1)]:
+            for old in older[:max(0, len(older) - (keep_last_n - 1))]:
                 remove_checkpoint(old)
     _barrier()
     return final
