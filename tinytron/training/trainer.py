@@ -246,13 +246,13 @@ class Trainer:
             os.replace(log + ".tmp", log)
 
     def _on_rank0(self, fn):
-        """fn() on rank 0 only, its result sent to every rank; a checkpoint or config error on
-        rank 0 is raised on every rank."""
+        """fn() on rank 0 only, its result sent to every rank; a checkpoint, config or file-system
+        error on rank 0 is raised on every rank (none waits for a broadcast that never comes)."""
         result, error = None, None
         if self.is_main:
             try:
                 result = fn()
-            except (ConfigError, ckpt.CheckpointError) as e:
+            except (ConfigError, ckpt.CheckpointError, OSError) as e:
                 error = str(e)
         if dist.is_initialized():
             box = [result, error]
