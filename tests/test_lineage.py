@@ -11,7 +11,6 @@ relative on the weights; AdamW's update is at most lr per element, so atol = 1e-
 near zero).
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -48,7 +47,7 @@ def copy_run(run_dir: str, log_dir) -> str:
 def cli(*args, torchrun=False, timeout=180):
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "--max-restarts", "1"] if torchrun else []), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
                           # As scripts/launch.sh: restarted workers of torch 2.13 hang without it.
                           env={**os.environ, "PYTHONPATH": REPO, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
 
@@ -276,7 +275,7 @@ def _ranks_and_dropout(log_dir):
     checkpoint 8: both resume 8. (2) Dropout 0.5, DP 2 and SEP 2: the embedding
     dropout mask of the same batch on each rank, and whether the weights are the same on both
     ranks; -> (resumed step, {sep: (mask, weights equal)})."""
-    run_dir, _ = resume_and_train(f"{log_dir}/agree")
+    resume_and_train(f"{log_dir}/agree")
     real = ckpt.list_complete
     if dist.get_rank() == 1:
         ckpt.list_complete = lambda root: []
@@ -286,7 +285,7 @@ def _ranks_and_dropout(log_dir):
     for sep in (1, 2):
         trainer = Trainer(tiny_config(f"{log_dir}/dropout{sep}", "--dropout", "0.5", "--sep_size", str(sep)))
         out = []
-        trainer.model.dropout.register_forward_hook(lambda m, i, o: out.append(o.detach() == 0))
+        trainer.model.dropout.register_forward_hook(lambda m, i, o, out=out: out.append(o.detach() == 0))
         trainer.model.train()
         trainer._forward_loss(torch.stack([trainer.train_dataset[i] for i in range(2)]))
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
