@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tinytron.data.mock import MockDataset
-from tinytron.data.sampler import GlobalBatchSampler
+from tinytron.data.sampler import GlobalBatchSampler, validation_indices
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel
@@ -301,11 +301,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the whole validation set: each DP rank takes every dp_size-th
-        sequence; loss sums and token counts are all-reduced, so the value does not depend on
-        the layout."""
+        """Mean token loss over the validation set, or over the fixed subset of at most
+        --val_max_tokens tokens (`validation_indices`): each DP rank takes every dp_size-th
+        sequence of it; loss sums and token counts are all-reduced, so the value does not depend
+        on the layout."""
         self.model.eval()
-        val = Subset(self.val_dataset, range(ps.get_dp_rank(), len(self.val_dataset), ps.get_dp_size()))
+        t = self.config.training
+        scored = validation_indices(len(self.val_dataset), t.val_max_tokens // t.seq_len)
+        val = Subset(self.val_dataset, scored[ps.get_dp_rank()::ps.get_dp_size()].tolist())
         totals = torch.zeros(2, device=self.device)
         # A private generator, so validation never draws from the global (dropout) RNG.
         for batch in DataLoader(val, batch_size=self.config.training.batch_size, generator=torch.Generator()):
@@ -322,7 +325,8 @@ class Trainer:
     def _train_loader(self):
         t = self.config.training
         sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_seqs, t.batch_size,
-                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step)
+                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step,
+                                     blend=getattr(self.train_dataset, "blend", None))
         workers = self.config.data.num_workers
         # A private generator: creating the iterator draws a seed from it, which from the global
         # RNG would shift the dropout stream of a resumed run (restored RNG, then a new iterator).
