@@ -99,6 +99,20 @@ def test_blend_is_layout_invariant():
     assert reference[0] == sorted(blend.indices_of_step(3, 8, seed=1).tolist())
 
 
+def test_bad_blend_and_cap_flags():
+    from tinytron.data.blend import parse_list, parse_weights
+    from tinytron.training.config import ConfigError, validate_config
+    with pytest.raises(ValueError, match="--dataset_weights has 3 values for 2 corpora"):
+        parse_weights("1,2,3", 2)
+    with pytest.raises(ValueError, match="every weight must be a positive number"):
+        parse_weights("1,0", 2)
+    with pytest.raises(ValueError, match="--text_column has 2 comma-separated values for 3 corpora"):
+        parse_list("a,b", 3, "text_column")
+    assert parse_weights("", 3) == [1.0] * 3 and parse_list("text", 2, "text_column") == ["text", "text"]
+    with pytest.raises(ConfigError, match="--val_max_tokens 8 must be 0 .no cap. or at least --seq_len 16"):
+        validate_config(tiny_config("unused", "--val_max_tokens", "8"), 1)
+
+
 def test_validation_subset():
     assert validation_indices(10, 0).tolist() == list(range(10))
     assert validation_indices(10, 10).tolist() == list(range(10))
