@@ -6,13 +6,18 @@ A state is a flat dict {key: value}; a value is
     torch.Tensor   the whole tensor (the same on every rank that passes it);
     Chunk          this rank's block of a larger tensor: `tensor` sits at `offsets` inside a tensor
                    of shape `global_shape` (one ZeRO-1 piece of a flattened parameter's state, one
-                   expert-parallel rank's experts);
+                   expert-parallel rank's experts); a block that several ranks pass (the experts
+                   of the DP replicas) is written by one of them;
     anything else  a small picklable object (hyper-parameters), read back with weights_only=True.
 A folder holds one DCP checkpoint: `.metadata` (the global shape, dtype and saved chunks of every
 tensor; written by the coordinator) and `__<rank>_0.distcp` (what that rank wrote). On load, each
 tensor or chunk is filled from the overlap of the saved chunks with it, so a state saved with one
 sharding (world size, bucket size, expert-parallel size) loads into any other, and
 `read_full_state` assembles whole tensors in one process without a process group.
+
+Why Chunks and not DTensor: a ZeRO-1 piece is whatever flat range of a parameter falls into the
+rank's shard of a bucket (any length, possibly none), which no DTensor placement describes; DCP's
+planner API takes such chunks directly (two small planner subclasses below).
 """
 
 import contextlib

@@ -9,9 +9,9 @@
         rng/rank{r}.pt RNG states of python, numpy, torch CPU and CUDA of rank r
         COMPLETE       written last: a folder without it is ignored
 
-No rank ever holds more than its own shard: any layout reads back the ranges it holds now. An
-older checkpoint (model.pt: the full state dict; optimizer/optimizer.pt: the gathered optimizer
-state) still loads.
+No rank gathers the full state: each writes its own shard, and reads back the ranges it holds in
+its layout, whatever layout wrote them. An older checkpoint (model.pt: the full state dict;
+optimizer/optimizer.pt: the gathered optimizer state) still loads.
 
 A checkpoint is written into `.tmp_step_<n>` and renamed when complete, so a crash mid-save
 leaves the previous checkpoints intact and the half-written one invisible (the next save
