@@ -21,6 +21,7 @@ import gc
 import os
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,14 +48,15 @@ def _status(field: str) -> int:
 
 
 def _measure(fn) -> dict:
-    """RSS before, peak RSS during (VmHWM after a reset) and RSS after fn(), in bytes."""
+    """RSS before, peak RSS during (VmHWM after a reset) and RSS after fn(), in bytes, and its
+    wall time in seconds."""
     gc.collect()
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")   # VmHWM := VmRSS
-    before = _status("VmRSS")
+    before, t0 = _status("VmRSS"), time.perf_counter()
     fn()
-    return dict(before=before, peak=_status("VmHWM"), after=_status("VmRSS"))
+    return dict(before=before, peak=_status("VmHWM"), after=_status("VmRSS"), seconds=time.perf_counter() - t0)
 
 
 def _build():
@@ -101,12 +103,12 @@ def main() -> None:
           f"{params / 1e6:.1f}M params; AdamW state {8 * params / MIB:.0f} MiB in all; "
           f"checkpoint {size / MIB:.0f} MiB; bucket {BUCKET_MIB:.0f} MiB; torch {torch.__version__}")
     print("\n| phase | rank | RSS before (MiB) | peak (MiB) | extra = peak - before (MiB) | "
-          "own optimizer shard (MiB) | shard + bucket (MiB) |\n|---|---|---|---|---|---|---|")
+          "own optimizer shard (MiB) | shard + bucket (MiB) | seconds |\n|---|---|---|---|---|---|---|---|")
     for phase, ranks in results.items():
         for rank, r in enumerate(ranks):
             print(f"| {phase} | {rank} | {r['before'] / MIB:.0f} | {r['peak'] / MIB:.0f} | "
                   f"{(r['peak'] - r['before']) / MIB:.0f} | {r['shard'] / MIB:.1f} | "
-                  f"{r['shard'] / MIB + BUCKET_MIB:.1f} |")
+                  f"{r['shard'] / MIB + BUCKET_MIB:.1f} | {r['seconds']:.2f} |")
     sys.stdout.flush()
 
 
