@@ -382,8 +382,9 @@ class DistributedOptimizer:
 
     def save(self, directory: str) -> list[str]:
         """Collective over process_group: every rank writes its own shard of the state into the
-        folder (no gather; at most one tensor is staged at a time). Returns the paths of the
-        files this rank wrote (fsynced)."""
+        folder, straight from the state tensors (no gather, no copy of the state; GPU tensors are
+        copied to host memory as they are written). Returns the paths of the files this rank
+        wrote, fsynced."""
         state = {"param_groups": self._saved_param_groups(),   # the same on every rank
                  "shapes": {self._names[p]: self._global_shape(p)
                             for buf in self._buffers for p in buf.offsets}}
