@@ -8,11 +8,13 @@ attention over gathered heads, expert regrouping), ~1e-7 relative over 4 AdamW s
 relative (as in test_checkpoint.py) leaves a margin.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -21,8 +23,10 @@ from tests.dist_helper import run_distributed
 from tests.test_checkpoint import MOE, ckpt_path, resume_and_train
 from tests.utils import read_log, tiny_config
 from tinytron.distributed.sharded_checkpoint import read_metadata
+from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
-from tinytron.training.checkpoint import read_model_state
+from tinytron.model import GPT
+from tinytron.training.checkpoint import CheckpointError, load_checkpoint, read_model_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy_checkpoint")
@@ -118,7 +122,8 @@ def test_checkpoint_of_the_older_format_resumes(tmp_path):
     """tests/fixtures/legacy_checkpoint: step 4 of the tiny dense run (world 2, ZeRO-1) written
     by Tinytron before sharded checkpoints (model.pt, optimizer/optimizer.pt), and that run's
     log.txt (8 steps, uninterrupted). Resumed at world 1 through --resume_path, steps 4..7 have
-    its losses within 1e-5 relative, and the new run's checkpoints are sharded."""
+    its losses within 1e-5 relative, and the new run's checkpoints are sharded; loading one into a
+    model of another shape (no config given to compare first) is a one-line CheckpointError."""
     run_dir, start = resume_and_train(tmp_path, "--resume_path", os.path.join(LEGACY, "step_00000004"))
     assert start == 4
     with open(os.path.join(LEGACY, "log.txt")) as f:
@@ -127,3 +132,8 @@ def test_checkpoint_of_the_older_format_resumes(tmp_path):
     assert sorted(got) == [4, 5, 6, 7]
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
     assert sorted(os.listdir(ckpt_path(run_dir, 8))) == ["COMPLETE", "meta.pt", "model", "optimizer", "rng"]
+
+    other = GPT(dataclasses.replace(tiny_config(tmp_path).model, hidden_size=48))
+    zero = DistributedOptimizer(torch.optim.AdamW(other.parameters()), param_names=other.named_parameters())
+    with pytest.raises(CheckpointError, match=r"another shape: embed.weight is \(64, 32\) there, \(64, 48\) here"):
+        load_checkpoint(ckpt_path(run_dir, 8), other, zero)
