@@ -23,8 +23,9 @@ import torch.distributed as dist
 
 from tests.dist_helper import run_distributed
 from tests.utils import TINY_FLAGS, read_log, tiny_config
+from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
 from tinytron.training import Trainer
-from tinytron.training.checkpoint import COMPLETE, find_latest, list_complete, step_dir
+from tinytron.training.checkpoint import COMPLETE, find_latest, list_complete, read_model_state, step_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_intermediate_size", "32"]
@@ -53,16 +54,21 @@ def complete_steps(run_dir: str) -> list[int]:
     return [int(os.path.basename(d)[5:]) for d in list_complete(os.path.join(run_dir, "checkpoints"))]
 
 
+def read_state(path: str) -> dict:
+    """<checkpoint>/model or <checkpoint>/optimizer, assembled into one full state dict."""
+    return read_model_state(os.path.dirname(path)) if os.path.basename(path) == "model" else read_state_dict(path)
+
+
 def assert_same_tensors(file_a: str, file_b: str, part: str | None = None) -> None:
-    """Two torch.save'd (nested) dicts (or their entry `part`) hold bitwise-equal tensors and
-    equal other values."""
+    """Two saved (nested) dicts (or their entry `part`; see read_state) hold bitwise-equal
+    tensors and equal other values."""
     def flat(obj, prefix=""):
         if isinstance(obj, dict):
             return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}{key}.").items()}
         if isinstance(obj, (list, tuple)):
             return {k: v for i, val in enumerate(obj) for k, v in flat(val, f"{prefix}{i}.").items()}
         return {prefix: obj}
-    a, b = (torch.load(f, weights_only=True) for f in (file_a, file_b))
+    a, b = (read_state(f) for f in (file_a, file_b))
     a, b = (flat(x if part is None else x[part]) for x in (a, b))
     assert a.keys() == b.keys()
     for key in a:
@@ -132,7 +138,7 @@ def test_exact_resume_same_layout(world2_runs, variant):
     for kind in ("train", "val"):
         assert read_log(run_dir, kind) == read_log(ref_dir, kind)
     assert complete_steps(run_dir) == [4, 8]
-    for f in ("model.pt", "optimizer/optimizer.pt"):
+    for f in ("model", "optimizer"):
         assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), f), os.path.join(ckpt_path(ref_dir, 8), f))
 
 
@@ -169,7 +175,7 @@ import os, signal, sys, torch
 from tinytron.training import checkpoint, run
 real_save, metas = torch.save, []
 def save(obj, path, *args, **kwargs):
-    if os.path.basename(path) == "meta.pt":
+    if isinstance(path, str) and os.path.basename(path) == "meta.pt":  # DCP saves into streams
         metas.append(path)
         if len(metas) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -196,7 +202,7 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     run_dir = tiny_config(tmp_path / "killed").run_dir
     tmp = os.path.join(run_dir, "checkpoints", ".tmp_step_00000008")
-    assert sorted(os.listdir(tmp)) == ["model.pt", "optimizer", "rng"]  # died inside the save
+    assert sorted(os.listdir(tmp)) == ["model", "optimizer", "rng"]  # died inside the save
     assert complete_steps(run_dir) == [4] and find_latest(run_dir) == ckpt_path(run_dir, 4)
     os.makedirs(os.path.join(run_dir, "checkpoints", ".tmp_step_00000005"))  # an older killed save
 
@@ -204,16 +210,17 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000008"]
     for kind in ("train", "val"):
         assert read_log(run_dir, kind) == read_log(ref_dir, kind)
-    assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), "model.pt"),
-                        os.path.join(ckpt_path(ref_dir, 8), "model.pt"))
+    assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), "model"),
+                        os.path.join(ckpt_path(ref_dir, 8), "model"))
 
     # Crash between COMPLETE and the rename: the .tmp folder is complete inside, still ignored.
     real_rename, renames = os.rename, []
 
     def rename(src, dst):
-        renames.append(dst)
-        if len(renames) == 2:
-            raise CrashAtRename(dst)
+        if os.path.basename(dst).startswith("step_"):  # the checkpoint's, not DCP's .metadata
+            renames.append(dst)
+            if len(renames) == 2:
+                raise CrashAtRename(dst)
         real_rename(src, dst)
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(CrashAtRename):
@@ -392,9 +399,8 @@ def test_too_many_non_finite_steps_stop_the_run(nan_stop):
     assert r.stderr.rstrip().endswith(_max_skipped_error(run_dir)) and "Traceback" not in r.stderr
     assert complete_steps(run_dir) == [2, 4]
     first, second = ckpt_path(run_dir, 2), ckpt_path(run_dir, 4)
-    assert_same_tensors(os.path.join(first, "model.pt"), os.path.join(second, "model.pt"))
-    assert_same_tensors(os.path.join(first, "optimizer/optimizer.pt"),
-                        os.path.join(second, "optimizer/optimizer.pt"), part="state")
+    assert_same_tensors(os.path.join(first, "model"), os.path.join(second, "model"))
+    assert_same_tensors(os.path.join(first, "optimizer"), os.path.join(second, "optimizer"), part="state")
     assert resume_and_train(log_dir, *flags) == (run_dir, 4)
     train = read_log(run_dir)
     assert sorted(train) == [0, 1, 4, 5, 6, 7] and all(np.isfinite(list(train.values())))
@@ -408,13 +414,13 @@ def test_training_error_is_printed_on_its_own_line(nan_stop):
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
     """`python pretrain_debug.py` with: a --resume_path that does not exist; a --resume_path
-    holding another model shape; a truncated model.pt; a truncated optimizer.pt; a --log_dir
+    holding another model shape; a truncated model shard; a truncated optimizer shard; a --log_dir
     under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
     with one line on stderr starting with "error:" and leaves every existing file as it was."""
     src_dir, _ = resume_and_train(tmp_path / "src")
     cases = {}
-    for name in ("model.pt", "optimizer/optimizer.pt"):
-        log_dir = tmp_path / f"corrupt-{os.path.dirname(name) or 'model'}"
+    for name in ("model/__0_0.distcp", "optimizer/__0_0.distcp"):
+        log_dir = tmp_path / f"corrupt-{os.path.dirname(name)}"
         shutil.copytree(src_dir, log_dir / os.path.basename(src_dir))
         path = os.path.join(ckpt_path(tiny_config(log_dir).run_dir, 8), name)
         os.truncate(path, os.path.getsize(path) // 2)

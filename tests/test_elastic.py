@@ -14,7 +14,7 @@ import time
 import torch
 
 from tests.utils import TINY_FLAGS, read_log
-from tinytron.training.checkpoint import list_complete
+from tinytron.training.checkpoint import list_complete, read_model_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = "tests/elastic_worker.py"
@@ -79,7 +79,7 @@ def _run_dir(log_dir) -> str:
 
 
 def _final_model(run_dir: str) -> dict:
-    return torch.load(os.path.join(list_complete(os.path.join(run_dir, "checkpoints"))[-1], "model.pt"))
+    return read_model_state(list_complete(os.path.join(run_dir, "checkpoints"))[-1])
 
 
 # The killed run goes through scripts/launch.sh (MAX_RESTARTS -> torchrun --max-restarts).
