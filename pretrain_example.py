@@ -15,12 +15,12 @@ class ExampleTrainer(Trainer):
         d, seq_len = self.config.data, self.config.training.seq_len
         if not d.dataset or not d.tokenizer:
             raise ConfigError("--dataset and --tokenizer are required by pretrain_example.py")
-        path = prepare_token_shards_distributed(
-            d.dataset, d.tokenizer, d.data_cache_dir, dataset_config=d.dataset_config or None,
-            text_column=d.text_column, val_fraction=d.val_fraction, num_proc=d.tokenize_num_proc)
-        try:
+        try:  # bad paths and a tokenizer larger than --vocab_size fail here, before any tokenizing
+            path = prepare_token_shards_distributed(
+                d.dataset, d.tokenizer, d.data_cache_dir, dataset_config=d.dataset_config or None,
+                text_column=d.text_column, val_fraction=d.val_fraction, num_proc=d.tokenize_num_proc,
+                vocab_size=self.config.model.vocab_size)
             self.train_dataset = TokenWindowDataset(path, seq_len, "train")
-            self.train_dataset.check_vocab(self.config.model.vocab_size)
             self.val_dataset = TokenWindowDataset(path, seq_len, "val")
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tests.utils import TINY_FLAGS, read_log
+from tests.utils import TINY_FLAGS, process_tree, read_log
 from tinytron.training.checkpoint import list_complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +67,8 @@ def _job(cmd, log_dir, *flags, env=None):
         yield proc
     finally:
         if proc.poll() is None:
-            for pid in _children(proc.pid):
+            for pid in process_tree(proc.pid):
                 os.kill(pid, signal.SIGKILL)
-            proc.kill()
             proc.communicate()
 
 
@@ -99,7 +98,8 @@ def test_killed_worker_restarts_and_resumes_bitwise(tmp_path):
         while not (killed.is_dir() and list_complete(os.path.join(_run_dir(killed), "checkpoints"))):
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
             time.sleep(0.01)
-        (victim,) = [p for p in _children(proc.pid) if _rank_of(p) == 0]
+        (torchrun,) = _children(proc.pid)  # the launcher waits on torchrun, whose children are the workers
+        (victim,) = [p for p in _children(torchrun) if _rank_of(p) == 0]
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
         _, ref_err = ref.communicate(timeout=60)

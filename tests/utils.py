@@ -29,3 +29,22 @@ def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
                 assert int(step) not in out, f"step {step} logged twice"
                 out[int(step)] = float(value)
     return out
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants, from /proc: a job's launcher, torchrun, the workers (in
+    sessions of their own) and their DataLoader workers."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            except OSError:  # exited meanwhile
+                continue
+            if state != "Z":
+                parents[int(entry)] = int(ppid)
+    tree = [root] if root in parents else []
+    for pid in tree:  # grows while it is walked: breadth-first
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return tree
