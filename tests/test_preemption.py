@@ -18,7 +18,7 @@ import sys
 import time
 
 from tests.test_elastic import _free_port
-from tests.utils import TINY_FLAGS, process_tree, read_log
+from tests.utils import TINY_FLAGS, children, process_tree, read_log
 from tinytron.training.checkpoint import list_complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,16 +128,12 @@ def test_preemption_saves_once_exits_zero_and_resumes(tmp_path):
     def cmd(name):
         return LAUNCH + ["pretrain_debug.py", *FLAGS, "--log_dir", str(tmp_path / name), *LONG]
 
-    def torchrun(job):
-        (pid,) = [p for p in process_tree(job.proc.pid) if os.getpgid(p) == job.proc.pid and p != job.proc.pid]
-        return pid
-
     with jobs() as start:
         first = {"slurm": start(cmd("slurm"), tmp_path / "slurm-1"), "k8s": start(cmd("k8s"), tmp_path / "k8s-1")}
         for job in first.values():
             job.wait_for(r"step +3 \|")
         _signal(process_tree(first["slurm"].proc.pid), signal.SIGTERM)
-        _signal([torchrun(first["k8s"])], signal.SIGTERM)
+        _signal(children(first["k8s"].proc.pid), signal.SIGTERM)  # the launcher's one child: torchrun
         reached = {name: _check_stop(job, tmp_path / name, [], "SIGTERM") for name, job in first.items()}
 
         second = {"slurm": start(cmd("slurm"), tmp_path / "slurm-2", env=slurm),
@@ -185,23 +181,15 @@ def _torchrun(log_dir, entry, *flags):
 
 
 def _worker_exit_times(job) -> dict[int, float]:
-    """Poll until the job ends: -> {worker pid: seconds from the job's start to its exit}."""
+    """Poll until the job (torchrun) ends: -> {worker pid: seconds from the job's start to its exit}."""
     exits, workers = {}, set()
     while job.proc.poll() is None:
-        tree = process_tree(job.proc.pid)
-        workers |= {p for p in tree[1:] if os.path.exists(f"/proc/{p}") and _is_worker(p)}
-        for pid in workers - exits.keys() - set(tree):
-            exits[pid] = time.monotonic() - job.start
+        alive = set(children(job.proc.pid))
+        workers |= alive
+        exits.update({pid: time.monotonic() - job.start for pid in workers - alive - exits.keys()})
         time.sleep(0.02)
-    for pid in workers - exits.keys():
-        exits[pid] = time.monotonic() - job.start
+    exits.update({pid: time.monotonic() - job.start for pid in workers - exits.keys()})
     return exits
-
-
-def _is_worker(pid: int) -> bool:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as f:
-        return b"\0LOCAL_RANK=" in b"\0" + f.read() and os.getpgid(pid) == pid  # not a DataLoader worker
-    return False
 
 
 def test_error_on_one_rank_ends_every_rank_with_its_line(tmp_path):

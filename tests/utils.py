@@ -31,9 +31,8 @@ def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
     return out
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and its live descendants, from /proc: a job's launcher, torchrun, the workers (in
-    sessions of their own) and their DataLoader workers."""
+def _live_parents() -> dict[int, int]:
+    """{pid: parent pid} of the live processes, from /proc."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -44,6 +43,18 @@ def process_tree(root: int) -> list[int]:
                 continue
             if state != "Z":
                 parents[int(entry)] = int(ppid)
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (torchrun's workers)."""
+    return [child for child, parent in _live_parents().items() if parent == pid]
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants: a job's launcher, torchrun, the workers (in sessions of
+    their own) and their DataLoader workers."""
+    parents = _live_parents()
     tree = [root] if root in parents else []
     for pid in tree:  # grows while it is walked: breadth-first
         tree += [child for child, parent in parents.items() if parent == pid]
