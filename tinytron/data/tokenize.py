@@ -275,10 +275,13 @@ def main() -> None:
     parser.add_argument("--val_fraction", type=float, default=0.005,
                         help="last fraction of the tokens kept for validation")
     args = parser.parse_args()
-    path = prepare_token_shards(args.dataset, args.tokenizer, args.cache_dir,
-                                dataset_config=args.dataset_config, text_column=args.text_column,
-                                split=args.split, num_proc=args.num_proc,
-                                val_fraction=args.val_fraction)
+    try:
+        path = prepare_token_shards(args.dataset, args.tokenizer, args.cache_dir,
+                                    dataset_config=args.dataset_config, text_column=args.text_column,
+                                    split=args.split, num_proc=args.num_proc,
+                                    val_fraction=args.val_fraction)
+    except ValueError as e:  # bad paths and values: one line, like the training entry points
+        parser.exit(2, f"error: {e}\n")
     print(path)
 
 
