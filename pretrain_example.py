@@ -34,15 +34,15 @@ class ExampleTrainer(Trainer):
             raise ConfigError(str(e)) from None
         train, val = [], []
         for name, config, column in zip(names, configs, columns):
-            path = prepare_token_shards_distributed(
-                name, d.tokenizer, d.data_cache_dir, dataset_config=config or None, text_column=column,
-                val_fraction=d.val_fraction, num_proc=d.tokenize_num_proc)
-            try:
+            try:  # bad paths and a tokenizer larger than --vocab_size fail here, before any tokenizing
+                path = prepare_token_shards_distributed(
+                    name, d.tokenizer, d.data_cache_dir, dataset_config=config or None, text_column=column,
+                    val_fraction=d.val_fraction, num_proc=d.tokenize_num_proc,
+                    vocab_size=self.config.model.vocab_size)
                 train.append(TokenWindowDataset(path, seq_len, "train"))
-                train[-1].check_vocab(self.config.model.vocab_size)
                 val.append(TokenWindowDataset(path, seq_len, "val"))
             except ValueError as e:
-                raise ConfigError(f"--dataset {name}: {e}" if len(names) > 1 else str(e)) from None
+                raise ConfigError(str(e)) from None
         if len(names) == 1:
             self.train_dataset, self.val_dataset = train[0], val[0]
         else:

@@ -1,6 +1,6 @@
 """Checkpoint and resume guarantees, driven through the real Trainer and entry script (gloo, CPU,
-fp32, tiny models): exact resume, resume on another layout, atomic saves, SIGTERM preemption,
-non-finite steps, and bad input.
+fp32, tiny models): exact resume, resume on another layout, atomic saves, non-finite steps, and
+bad input (preemption: tests/test_preemption.py).
 
 Tolerances: a resume on the layout that wrote the checkpoint replays the same fp32 operations in
 the same order, so its losses are compared bitwise (as printed in log.txt, 6 decimals) and its
@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -246,79 +245,6 @@ def test_keep_last_n_removes_old_only_after_new_is_complete(tmp_path, monkeypatc
     run_dir, _ = resume_and_train(tmp_path, "--save_every_steps", "2", "--keep_last_n_checkpoints", "2")
     assert removals == [("step_00000002", [2, 4, 6]), ("step_00000004", [4, 6, 8])]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000006", "step_00000008"]
-
-
-# ---------------------------------------------------------------------- preemption
-def _start_torchrun(log_dir, out_dir):
-    """A 2-process torchrun job of the tiny model that would run for a very long time; its output
-    goes to files (a pipe nobody reads would fill and block it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(log_dir), "--max_steps", "100000",
-           "--save_every_steps", "100000", "--val_every_steps", "100000"]
-    os.makedirs(out_dir)
-    with open(f"{out_dir}/stdout", "w") as out, open(f"{out_dir}/stderr", "w") as err:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
-
-
-def _wait_for_train_lines(proc, run_dir, n=3, timeout=60):
-    """Until log.txt holds n finished train lines (the last line may be half written)."""
-    log, deadline = os.path.join(run_dir, "log.txt"), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the job ended before it was signalled"
-        if os.path.exists(log):
-            with open(log) as f:
-                if sum(line.endswith("\n") and " train " in line for line in f) >= n:
-                    return
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {n} steps logged in {timeout} s")
-
-
-def _workers(pid: int) -> list[int]:
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    workers = []
-    for kid in map(int, kids):
-        with open(f"/proc/{kid}/cmdline", "rb") as f:
-            if b"pretrain_debug.py" in f.read():
-                workers.append(kid)
-    return workers
-
-
-def _check_preempted(run_dir, out_dir):
-    """The checkpoint of the step after the last logged one is the only one, complete, with the
-    RNG states of both ranks."""
-    last = max(read_log(run_dir))
-    assert complete_steps(run_dir) == [last + 1]
-    path = ckpt_path(run_dir, last + 1)
-    assert sorted(os.listdir(os.path.join(path, "rng"))) == ["rank0.pt", "rank1.pt"]
-    assert torch.load(os.path.join(path, "meta.pt"), weights_only=True)["step"] == last + 1
-    with open(f"{out_dir}/stdout") as f:
-        assert f"[tinytron] SIGTERM: saved step {last + 1}, exiting" in f.read()
-
-
-def test_sigterm_to_workers_saves_and_exits_zero(tmp_path):
-    """SLURM-style preemption: SIGTERM to every worker of a torchrun job mid-training. The ranks
-    agree on the stop in the step's all-reduce, save, and the job exits 0. Kubernetes-style
-    (SIGTERM to torchrun itself): torchrun forwards SIGTERM to the workers, which save the same
-    way within its --shutdown_timeout (30 s default); torchrun then exits 1 (it re-raises the
-    signal as SignalException), which is torch's behaviour, so only the checkpoint is checked."""
-    flags = ["--max_steps", "100000", "--save_every_steps", "100000", "--val_every_steps", "100000"]
-    jobs = {}
-    for target in ("workers", "torchrun"):  # both jobs start together: their imports overlap
-        log_dir = tmp_path / target
-        jobs[target] = (_start_torchrun(log_dir, tmp_path / f"{target}-out"), tiny_config(log_dir, *flags).run_dir)
-    for target, (proc, run_dir) in jobs.items():
-        _wait_for_train_lines(proc, run_dir)
-        workers = _workers(proc.pid)
-        assert len(workers) == 2
-        for pid in (workers if target == "workers" else [proc.pid]):
-            os.kill(pid, signal.SIGTERM)
-    for target, (proc, run_dir) in jobs.items():
-        code = proc.wait(timeout=60)
-        if target == "workers":
-            assert code == 0, (tmp_path / f"{target}-out" / "stderr").read_text()[-3000:]
-        _check_preempted(run_dir, tmp_path / f"{target}-out")
-    run_dir = jobs["workers"][1]  # loadable: a world-1 trainer of the same command resumes from it
-    assert Trainer(tiny_config(tmp_path / "workers", *flags)).step == max(read_log(run_dir)) + 1
 
 
 # ---------------------------------------------------------------------- non-finite steps
