@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_helper import run_distributed
-from tests.test_checkpoint import REPO, assert_same_tensors, ckpt_path, complete_steps, resume_and_train
+from tests.test_checkpoint import REPO, assert_same_tensors, ckpt_path, complete_steps, read_state, resume_and_train
 from tests.test_metrics import _next_second, _tb_scalars
 from tests.utils import TINY_FLAGS, read_log, tiny_config
 from tinytron.data.mock import MockDataset
@@ -117,9 +117,9 @@ def test_skip_data_steps_shifts_the_data_and_resumes_bitwise(base_run, skip_bran
     assert [s for s, _ in tb] == list(range(8))
     np.testing.assert_allclose([v for _, v in tb], [branch_log[s] for s in range(8)], rtol=1e-6)
 
-    final = os.path.join(ckpt_path(run_dir, 8), "model.pt")
-    kept = os.path.join(run_dir, "uninterrupted_model.pt")
-    shutil.copy(final, kept)
+    final = os.path.join(ckpt_path(run_dir, 8), "model")
+    kept = os.path.join(run_dir, "uninterrupted", "model")
+    shutil.copytree(final, kept)
     shutil.rmtree(ckpt_path(run_dir, 8))
     trainer = Trainer(tiny_config(os.path.dirname(run_dir), *_rewind(run_dir)))
     assert (trainer.step, trainer.data_offset) == (6, 3)
@@ -150,8 +150,7 @@ def test_rewind_restart_and_keep_last_n_under_torchrun(base_run, skip_branch, tm
     (aside,) = os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED))
     aside = os.path.join(run_dir, "checkpoints", ckpt.ABANDONED, aside)
     assert [os.path.basename(p) for p in ckpt.list_complete(aside)] == ["step_00000006", "step_00000008"]
-    assert_same_tensors(os.path.join(aside, "step_00000008", "model.pt"),
-                        os.path.join(ckpt_path(base_run, 8), "model.pt"))
+    assert_same_tensors(os.path.join(aside, "step_00000008", "model"), os.path.join(ckpt_path(base_run, 8), "model"))
     got, want = read_log(run_dir), skip_branch[2]
     assert sorted(got) == list(range(8))
     np.testing.assert_allclose([got[s] for s in range(8)], [want[s] for s in range(8)], rtol=1e-5)
@@ -186,13 +185,13 @@ def _reference_step(checkpoint: str, cfg, lr: float, weight_decay, betas, eps, c
     files, on the whole global batch at once; -> ({name: weight}, grad norm before clipping)."""
     t = cfg.training
     model = GPT(cfg.model)
-    model.load_state_dict(torch.load(os.path.join(checkpoint, "model.pt"), weights_only=True))
+    model.load_state_dict(read_state(os.path.join(checkpoint, "model")))
     params = dict(model.named_parameters())
     decay = [n for n, p in params.items() if p.dim() >= 2 and "embed" not in n]
     opt = torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": weight_decay},
                              {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}],
                             lr=lr, betas=betas, eps=eps)
-    saved = torch.load(os.path.join(checkpoint, "optimizer", "optimizer.pt"), weights_only=True)["state"]
+    saved = read_state(os.path.join(checkpoint, "optimizer"))["state"]
     for name, p in params.items():
         opt.state[p] = {k: v.clone() for k, v in saved[name].items()}
     data = MockDataset(cfg.data.mock_data_num_samples, t.seq_len, cfg.model.vocab_size, t.seed, "train")
@@ -219,7 +218,7 @@ def test_changed_hyper_parameters_act_on_resume(base_run, tmp_path):
         was = vars(old.optim).get(flag[2:], vars(old.training).get(flag[2:]))
         assert r.stdout.count(f"resume: {flag} {was} -> {type(was)(value)}") == 1, flag
     cfg = tiny_config(tmp_path, *flags)
-    got = torch.load(os.path.join(ckpt_path(cfg.run_dir, 5), "model.pt"), weights_only=True)
+    got = read_state(os.path.join(ckpt_path(cfg.run_dir, 5), "model"))
     o = cfg.optim
     lr = lr_at(4, o.max_lr, o.min_lr, o.warmup_steps, cfg.training.max_steps)
     new, norm = _reference_step(ckpt_path(base_run, 4), cfg, lr, o.weight_decay, (o.beta1, o.beta2), o.adam_eps,
@@ -234,20 +233,20 @@ def test_changed_hyper_parameters_act_on_resume(base_run, tmp_path):
 
 
 def test_unreadable_newest_checkpoint_falls_back(base_run, tmp_path):
-    """Newest checkpoint's model.pt truncated: the same command warns with its path, resumes
+    """Newest checkpoint's model shard truncated: the same command warns with its path, resumes
     checkpoint 6, moves the unreadable one aside, and reproduces the run (bitwise, same layout)."""
     run_dir = copy_run(base_run, tmp_path)
-    bad = os.path.join(ckpt_path(run_dir, 8), "model.pt")
-    os.truncate(bad, os.path.getsize(bad) // 2)
+    bad = os.path.join(ckpt_path(run_dir, 8), "model")
+    shard = os.path.join(bad, "__0_0.distcp")
+    os.truncate(shard, os.path.getsize(shard) // 2)
     r = cli("pretrain_debug.py", *TINY_FLAGS, *DEFAULT_WORKERS, *EVERY_2, "--log_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"warning: checkpoint file {bad} is corrupt or unreadable" in r.stderr
+    assert f"warning: model state in {bad} is corrupt or unreadable" in r.stderr
     assert f"resumed from {ckpt_path(run_dir, 6)} at step 6" in r.stdout
     (aside,) = os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED))
     assert os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED, aside)) == ["step_00000008"]
     assert complete_steps(run_dir) == [2, 4, 6, 8] and read_log(run_dir) == read_log(base_run)
-    assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), "model.pt"),
-                        os.path.join(ckpt_path(base_run, 8), "model.pt"))
+    assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), "model"), os.path.join(ckpt_path(base_run, 8), "model"))
 
 
 def test_checkpoint_files_are_fsynced_before_complete(tmp_path, monkeypatch):
