@@ -5,7 +5,7 @@
                        folder, each tensor written by one rank (see sharded_checkpoint.py)
         optimizer/     optimizer state keyed by parameter name, each rank writes its own ZeRO-1
                        shard (DistributedOptimizer.save)
-        meta.pt        step, tokens seen, data position, config, layout (rank 0)
+        meta.pt        step, tokens seen, data position, branch, config, layout (rank 0)
         rng/rank{r}.pt RNG states of python, numpy, torch CPU and CUDA of rank r
         COMPLETE       written last: a folder without it is ignored
     <run_dir>/checkpoints/abandoned/<branch id>/step_*/
