@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tests.utils import TINY_FLAGS, read_log
+from tests.utils import TINY_FLAGS, read_log, torchrun_env
 from tinytron.training.checkpoint import list_complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,8 @@ def test_killed_worker_restarts_and_resumes_bitwise(tmp_path):
     (each step logged once) and the same final weights, bitwise, as an uninterrupted run (which
     runs alongside, to save time)."""
     killed = tmp_path / "killed"
-    with _job(LAUNCH, killed, *LONG_RUN, env={"MAX_RESTARTS": "1", "NPROC_PER_NODE": "2"}) as proc, \
+    env = {**torchrun_env(tmp_path / "bin"), "MAX_RESTARTS": "1", "NPROC_PER_NODE": "2"}
+    with _job(LAUNCH, killed, *LONG_RUN, env=env) as proc, \
             _job(TORCHRUN + [WORKER], tmp_path / "ref", *LONG_RUN) as ref:
         deadline = time.monotonic() + 60
         while not (killed.is_dir() and list_complete(os.path.join(_run_dir(killed), "checkpoints"))):

@@ -64,13 +64,26 @@ def test_gqa_equals_mha_with_repeated_kv():
     torch.testing.assert_close(mha(idx), gqa(idx), rtol=1e-5, atol=1e-6)
 
 
-def test_position_ids_shift_is_rope():
-    """A chunk fed with its global positions gives the same attention output as the same tokens
-    inside the full sequence only through RoPE: default positions are 0..T-1."""
-    model = build()
-    idx = torch.randint(0, TINY.vocab_size, (1, 8))
-    torch.testing.assert_close(model(idx), model(idx, position_ids=torch.arange(8)[None]))
-    assert not torch.allclose(model(idx), model(idx, position_ids=torch.arange(3, 11)[None]))
+def test_position_ids_are_rope_positions():
+    """What sequence parallelism relies on: a chunk's rotary tables from its global positions are
+    that chunk of the full sequence's tables, so the gathered chunks are the full sequence's
+    rotated q and k. Attention then depends on relative positions only: a uniform shift of all
+    positions changes the output by rounding alone, a shift that changes relative positions (a gap
+    before the second half) changes it for real. Default positions are 0..T-1."""
+    model = build(dataclasses.replace(TINY, init_std=0.1))  # attention far from uniform
+    cos, sin = model.rope(torch.arange(16)[None])
+    cos_chunk, sin_chunk = model.rope(torch.arange(8, 16)[None])
+    assert torch.equal(cos_chunk, cos[:, 8:]) and torch.equal(sin_chunk, sin[:, 8:])
+
+    idx = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    base = model(idx)
+    assert torch.equal(base, model(idx, position_ids=torch.arange(16)[None]))
+    torch.testing.assert_close(model(idx, position_ids=torch.arange(5, 21)[None]), base,
+                               rtol=1e-4, atol=1e-5)
+    gap = torch.cat((torch.arange(8), torch.arange(8) + 12))[None]
+    out = model(idx, position_ids=gap)
+    torch.testing.assert_close(out[:, :8], base[:, :8], rtol=1e-4, atol=1e-5)  # sees no gap
+    assert (out[:, 8:] - base[:, 8:]).abs().max() > 0.1  # measured 0.37; the shift: 1e-6
 
 
 def test_attention_module_standalone():
