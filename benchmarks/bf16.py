@@ -23,7 +23,7 @@ DATA = "../shared/data/tinyshakespeare"
 FLAGS = ["--dataset", f"{DATA}/input.txt", "--tokenizer", f"{DATA}/tokenizer", "--val_fraction", "0.1",
          "--num_layer", "2", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--intermediate_size", "384", "--vocab_size", "4096", "--block_size", "128",
-         "--seq_len", "128", "--batch_size", "16", "--total_batch_size", "4096",
+         "--seq_len", "128", "--batch_size", "16", "--total_batch_size", "2048",
          "--max_steps", "100", "--warmup_steps", "10", "--max_lr", "2e-3", "--min_lr", "2e-4",
          "--val_every_steps", "100", "--no-do_save", "--num_workers", "1"]
 MOE_FLAGS = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_intermediate_size", "192",
@@ -69,7 +69,7 @@ def main() -> None:
         rows = [row + [f] for row, f in zip(rows, (f"{daux.max():.2e}", f"{daux.mean():.2e}", f"{daux[-10:].max():.2e}"))]
     header = ["|bf16 - fp32|", "train loss", "grad norm (relative)"] + (["aux loss"] if args.moe else [])
     body = (f"{'MoE (4 experts, top-2)' if args.moe else 'Dense'} model, 2 layers, hidden 128, Tiny Shakespeare, "
-            f"{len(fp32)} steps of 32 x 128 tokens. Train loss fp32 {fp32[0, 0]:.4f} -> {fp32[-1, 0]:.4f}, "
+            f"{len(fp32)} steps of 16 x 128 tokens. Train loss fp32 {fp32[0, 0]:.4f} -> {fp32[-1, 0]:.4f}, "
             f"bf16 {bf16[0, 0]:.4f} -> {bf16[-1, 0]:.4f}; final val loss fp32 {val32:.4f}, bf16 {val16:.4f}.\n\n"
             + markdown_table(header, rows))
     report(f"bf16 vs fp32 at the trainer level ({'MoE' if args.moe else 'dense'}, {args.device})",

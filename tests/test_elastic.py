@@ -6,25 +6,19 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import torch
 
+from tests.dist_helper import free_port
 from tests.utils import TINY_FLAGS, read_log, torchrun_env
 from tinytron.training.checkpoint import list_complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = "tests/elastic_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -62,7 +56,7 @@ def _job(cmd, log_dir, *flags, env=None):
     leaves it running (a failed assertion, a hang caught by communicate's timeout)."""
     proc = subprocess.Popen([*cmd, *TINY_FLAGS, "--log_dir", str(log_dir), *flags], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "MASTER_PORT": str(_free_port()), **(env or {})})
+                            env={**os.environ, "MASTER_PORT": str(free_port()), **(env or {})})
     try:
         yield proc
     finally:

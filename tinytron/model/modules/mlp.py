@@ -179,7 +179,6 @@ class MoE(nn.Module):
         """logits, probs: [B, T, E] fp32 of this rank's tokens (its chunk of B sequences);
         seq_counts: [B, E] its assignments per sequence. Returns (this rank's share of the aux
         loss, assignments per expert [E] over the EP group)."""
-        seq_counts = seq_counts.clone()
         if self.ep_group is not None:  # the group's ranks hold chunks of the same B sequences
             dist.all_reduce(seq_counts, group=self.ep_group)
         B, E = seq_counts.shape
