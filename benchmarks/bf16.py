@@ -67,7 +67,7 @@ def main() -> None:
     if args.moe:
         daux = np.abs(bf16[:, 1] - fp32[:, 1])
         rows = [row + [f] for row, f in zip(rows, (f"{daux.max():.2e}", f"{daux.mean():.2e}", f"{daux[-10:].max():.2e}"))]
-    header = ["|bf16 - fp32|", "train loss", "grad norm (relative)"] + (["aux loss"] if args.moe else [])
+    header = ["abs(bf16 - fp32)", "train loss", "grad norm (relative)"] + (["aux loss"] if args.moe else [])
     body = (f"{'MoE (4 experts, top-2)' if args.moe else 'Dense'} model, 2 layers, hidden 128, Tiny Shakespeare, "
             f"{len(fp32)} steps of 16 x 128 tokens. Train loss fp32 {fp32[0, 0]:.4f} -> {fp32[-1, 0]:.4f}, "
             f"bf16 {bf16[0, 0]:.4f} -> {bf16[-1, 0]:.4f}; final val loss fp32 {val32:.4f}, bf16 {val16:.4f}.\n\n"

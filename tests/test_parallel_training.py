@@ -26,7 +26,7 @@ MOE = DENSE + ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2",
                "--moe_intermediate_size", "32", "--moe_aux_loss_coeff", "0.05", "--moe_z_loss_coeff", "0.01"]
 BF16 = ["--precision", "bf16"]
 HF_STEPS = ["--max_steps", "3"]  # init_from_hf: the first steps are what is checked
-# Compiling costs ~20 s per graph set on 2 CPU cores: 4 steps (the recompile for the MoE's
+# Compiling costs tens of seconds on 2 CPU cores: 4 steps (the recompile for the MoE's
 # dynamic expert shapes happens at step 2) and no validation (eval mode recompiles).
 COMPILE_STEPS = ["--max_steps", "4", "--no-do_val"]
 BATCH_SIZES = ("2", "4", "8")
