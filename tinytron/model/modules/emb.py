@@ -17,10 +17,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: [B or 1, T] integer -> (cos, sin), each [B or 1, T, head_dim] fp32."""
-        with torch.autocast(position_ids.device.type, enabled=False):  # angles up to T: fp32
-            angles = position_ids.float()[..., None] * self.inv_freq.float()
-            emb = torch.cat((angles, angles), dim=-1)
-            return emb.cos(), emb.sin()
+        # fp32 throughout (angles up to T need it): autocast lowers only matmul-like ops, none here.
+        angles = position_ids.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
