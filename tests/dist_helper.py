@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (fixed ports collide with other jobs on the machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def run_distributed(fn, world_size: int, *args) -> list:
     initialised, env vars RANK/WORLD_SIZE/... set); return the per-rank results, rank order.
     fn must be a module-level function (processes are spawned); a failure in any rank raises."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args),
+        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args),
                            nprocs=world_size, join=True, start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]

@@ -25,6 +25,7 @@ from tests.utils import TINY_FLAGS, read_log, tiny_config
 from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import COMPLETE, find_latest, list_complete, read_model_state, step_dir
+from tinytron.training.metrics import METRICS_FILE, read_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_intermediate_size", "32"]
@@ -145,7 +146,11 @@ def test_resume_on_other_layouts(world2_runs):
     """The world-2 / sep-2 checkpoint of step 4, resumed by the same command at world 1, world 4
     with sep 1 (ZeRO-1 over 4 ranks) and world 4 with sep 2 (MoE: experts resharded): the run
     folder is the same (auto-resume finds it), and steps 4..7 and the val losses equal the
-    uninterrupted world-2 run's within 1e-5 relative."""
+    uninterrupted world-2 run's within 1e-5 relative, and so do the grad norms (metrics.jsonl) and
+    the final weights. Weights: AdamW divides each element's update by its own gradient scale, so an
+    element whose gradient is near zero moves by up to lr * (relative rounding) differently: after 4
+    steps at lr 1e-2 the weights agree to ~5e-6 absolute (as in the sep-2 export test); a wrong
+    reshard (experts swapped, a shard dropped) differs by the weights' own size (~0.02)."""
     base, _ = world2_runs
     jobs = {(1, 1): [], (4, 1): [], (4, 2): []}
     for name, flags in VARIANTS.items():
@@ -164,6 +169,15 @@ def test_resume_on_other_layouts(world2_runs):
                 assert sorted(got) == sorted(ref)
                 np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=1e-5,
                                            err_msg=f"{name} {layout} {kind}")
+            ref_norms, norms = ({r["step"]: r["train/grad_norm"] for r in
+                                 read_records(os.path.join(d, METRICS_FILE))} for d in (ref_dir, run_dir))
+            assert sorted(norms) == list(range(8))
+            np.testing.assert_allclose([norms[s] for s in range(4, 8)], [ref_norms[s] for s in range(4, 8)],
+                                       rtol=1e-5, err_msg=f"{name} {layout} grad norm")
+            ref_w, got_w = (read_model_state(ckpt_path(d, 8)) for d in (ref_dir, run_dir))
+            assert got_w.keys() == ref_w.keys()
+            for key, w in ref_w.items():
+                torch.testing.assert_close(got_w[key], w, rtol=1e-5, atol=2e-5, msg=f"{name} {layout} {key}")
 
 
 # ---------------------------------------------------------------------- atomic saves

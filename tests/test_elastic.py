@@ -6,25 +6,19 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import torch
 
-from tests.utils import TINY_FLAGS, children, process_tree, read_log
+from tests.dist_helper import free_port
+from tests.utils import TINY_FLAGS, children, process_tree, read_log, torchrun_env
 from tinytron.training.checkpoint import list_complete, read_model_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = "tests/elastic_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -47,7 +41,7 @@ def _job(cmd, log_dir, *flags, env=None):
     leaves it running (a failed assertion, a hang caught by communicate's timeout)."""
     proc = subprocess.Popen([*cmd, *TINY_FLAGS, "--log_dir", str(log_dir), *flags], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "MASTER_PORT": str(_free_port()), **(env or {})})
+                            env={**os.environ, "MASTER_PORT": str(free_port()), **(env or {})})
     try:
         yield proc
     finally:
@@ -77,7 +71,8 @@ def test_killed_worker_restarts_and_resumes_bitwise(tmp_path):
     (each step logged once) and the same final weights, bitwise, as an uninterrupted run (which
     runs alongside, to save time)."""
     killed = tmp_path / "killed"
-    with _job(LAUNCH, killed, *LONG_RUN, env={"MAX_RESTARTS": "1", "NPROC_PER_NODE": "2"}) as proc, \
+    env = {**torchrun_env(tmp_path / "bin"), "MAX_RESTARTS": "1", "NPROC_PER_NODE": "2"}
+    with _job(LAUNCH, killed, *LONG_RUN, env=env) as proc, \
             _job(TORCHRUN + [WORKER], tmp_path / "ref", *LONG_RUN) as ref:
         deadline = time.monotonic() + 60
         while not (killed.is_dir() and list_complete(os.path.join(_run_dir(killed), "checkpoints"))):

@@ -8,6 +8,7 @@ import torch
 
 from tinytron.model import GPT, ModelConfig
 from tinytron.model.modules.attn import Attention
+from tinytron.model.modules.loss import cross_entropy_sum
 
 TINY = ModelConfig(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4,
                    num_key_value_heads=2, hidden_size=32, intermediate_size=64)
@@ -64,13 +65,69 @@ def test_gqa_equals_mha_with_repeated_kv():
     torch.testing.assert_close(mha(idx), gqa(idx), rtol=1e-5, atol=1e-6)
 
 
-def test_position_ids_shift_is_rope():
-    """A chunk fed with its global positions gives the same attention output as the same tokens
-    inside the full sequence only through RoPE: default positions are 0..T-1."""
-    model = build()
-    idx = torch.randint(0, TINY.vocab_size, (1, 8))
-    torch.testing.assert_close(model(idx), model(idx, position_ids=torch.arange(8)[None]))
-    assert not torch.allclose(model(idx), model(idx, position_ids=torch.arange(3, 11)[None]))
+def test_position_ids_are_rope_positions():
+    """What sequence parallelism relies on: a chunk's rotary tables from its global positions are
+    that chunk of the full sequence's tables, so the gathered chunks are the full sequence's
+    rotated q and k. Attention then depends on relative positions only: a uniform shift of all
+    positions changes the output by rounding alone, a shift that changes relative positions (a gap
+    before the second half) changes it for real. Default positions are 0..T-1."""
+    model = build(dataclasses.replace(TINY, init_std=0.1))  # attention far from uniform
+    cos, sin = model.rope(torch.arange(16)[None])
+    cos_chunk, sin_chunk = model.rope(torch.arange(8, 16)[None])
+    assert torch.equal(cos_chunk, cos[:, 8:]) and torch.equal(sin_chunk, sin[:, 8:])
+
+    idx = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    base = model(idx)
+    assert torch.equal(base, model(idx, position_ids=torch.arange(16)[None]))
+    torch.testing.assert_close(model(idx, position_ids=torch.arange(5, 21)[None]), base,
+                               rtol=1e-4, atol=1e-5)
+    gap = torch.cat((torch.arange(8), torch.arange(8) + 12))[None]
+    out = model(idx, position_ids=gap)
+    torch.testing.assert_close(out[:, :8], base[:, :8], rtol=1e-4, atol=1e-5)  # sees no gap
+    assert (out[:, 8:] - base[:, 8:]).abs().max() > 0.1  # measured 0.37; the shift: 1e-6
+
+
+def test_fp32_parts_under_bf16_autocast():
+    """--precision bf16 autocasts the matmuls, but RMSNorm, RoPE, the MoE router and the loss run
+    in fp32: each equals its explicit fp32 computation bitwise (a bf16 computation would not), on
+    the inputs it gets in the model; the matmuls themselves do run in bf16 (not vacuous)."""
+    cfg = dataclasses.replace(TINY, use_moe=True, num_experts=4, moe_intermediate_size=32,
+                              moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, cfg.hidden_size, generator=g)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+    norm, xb = model.layers[0].attn_norm, x.bfloat16()  # a bf16 input, normalised in fp32
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+    with autocast():
+        out = norm(xb)
+    xf = xb.float()
+    expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).bfloat16()
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+    positions = torch.arange(100, 116)[None]
+    with autocast():
+        cos, sin = model.rope(positions)
+    angles = (positions[..., None].float() * model.rope.inv_freq).double()  # fp32 angles, exact cos
+    assert cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos, torch.cat((angles, angles), -1).cos().float(), rtol=0, atol=1e-6)
+
+    moe = model.layers[0].mlp  # routing statistics depend only on the router's logits
+    moe(x)
+    aux, load = moe.aux_loss, moe.expert_load
+    with autocast():
+        assert moe(x).dtype == torch.bfloat16  # the experts ran in bf16
+    assert torch.equal(moe.aux_loss, aux) and torch.equal(moe.expert_load, load)
+
+    logits = torch.randn(2, 16, cfg.vocab_size, generator=g).bfloat16()
+    targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    with autocast():
+        loss = cross_entropy_sum(logits, targets)
+        assert model.lm_head(x).dtype == torch.bfloat16
+    expected = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)
 
 
 def test_attention_module_standalone():

@@ -70,7 +70,7 @@ def _naive_moe(layer: MoE, x: torch.Tensor, config: ModelConfig):
     xs = x.reshape(-1, C)
     logits = xs @ layer.router.weight.T
     probs = logits.softmax(-1)
-    out, counts = [], torch.zeros(E)
+    out, counts = [], torch.zeros(x.shape[0], E)  # per sequence
     for n in range(xs.shape[0]):
         chosen = sorted(range(E), key=lambda e: -logits[n, e].item())[:k]
         w = logits[n, chosen].exp() / logits[n, chosen].exp().sum()
@@ -78,12 +78,14 @@ def _naive_moe(layer: MoE, x: torch.Tensor, config: ModelConfig):
         for j, e in enumerate(chosen):
             gate, up = (xs[n] @ layer.gate_up_proj[e]).chunk(2)
             y = y + w[j] * ((F.silu(gate) * up) @ layer.down_proj[e])
-            counts[e] += 1
+            counts[n // x.shape[1], e] += 1
         out.append(y)
-    f = counts / counts.sum()
-    aux = config.moe_aux_loss_coeff * E * (f * probs.mean(0)).sum()
+    # Sequence-wise balance: f and P of each sequence, then the mean over sequences.
+    f = counts / counts.sum(1, keepdim=True)
+    P = probs.view(x.shape[0], x.shape[1], E).mean(1)
+    aux = config.moe_aux_loss_coeff * E * (f * P).sum(1).mean()
     aux = aux + config.moe_z_loss_coeff * logits.logsumexp(-1).square().mean()
-    return torch.stack(out), aux, counts
+    return torch.stack(out), aux, counts.sum(0)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-from tests.test_elastic import _free_port
-from tests.utils import TINY_FLAGS, children, process_tree, read_log
+from tests.dist_helper import free_port
+from tests.utils import TINY_FLAGS, children, process_tree, read_log, torchrun_env
 from tinytron.training.checkpoint import list_complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,8 @@ class Job:
         self.out_dir, self.start = str(out_dir), time.monotonic()
         with open(f"{out_dir}/stdout", "w") as out, open(f"{out_dir}/stderr", "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
-                                         env={**os.environ, "PYTHONPATH": REPO, "MASTER_PORT": str(_free_port()),
+                                         env={**torchrun_env(f"{out_dir}/bin"), "PYTHONPATH": REPO,
+                                              "MASTER_PORT": str(free_port()),
                                               "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", **(env or {})})
 
     def output(self, name="stdout") -> str:
@@ -178,7 +179,7 @@ def _rank_logs(log_dir, stream="stderr") -> list[str]:
 
 def _torchrun(log_dir, entry, *flags):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0",
-            "--master-port", str(_free_port()), "--log-dir", str(log_dir), "--redirects", "3", entry, *flags]
+            "--master-port", str(free_port()), "--log-dir", str(log_dir), "--redirects", "3", entry, *flags]
 
 
 def _worker_exit_times(job) -> dict[int, float]:

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.dist_helper import run_distributed
-from tests.utils import TINY_FLAGS, read_log, tiny_config
+from tests.dist_helper import free_port, run_distributed
+from tests.utils import TINY_FLAGS, read_log, tiny_config, torchrun_env
 from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import find_latest, list_complete
@@ -88,7 +88,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def _cli(*flags, nproc=None):
     cmd = [sys.executable, "pretrain_debug.py"] if nproc is None else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "pretrain_debug.py"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "pretrain_debug.py"]  # --standalone: a free rendezvous port, not 29500
     return subprocess.run(cmd + list(flags), cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -131,11 +132,12 @@ def test_bad_flag_fails_on_every_rank(tmp_path):
 
 def test_debug_cpu_script_runs(tmp_path):
     """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data."""
-    r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--max_steps", "12", "--log_dir", str(tmp_path)],
+    logs = tmp_path / "logs"
+    r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--max_steps", "12", "--log_dir", str(logs)],
                        cwd=REPO, capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "MASTER_PORT": "29517"})
+                       env={**torchrun_env(tmp_path / "bin"), "MASTER_PORT": str(free_port())})
     assert r.returncode == 0, r.stderr[-2000:]
-    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    (run_dir,) = [os.path.join(logs, d) for d in os.listdir(logs)]
     losses = read_log(run_dir)
     assert len(losses) == 12 and losses[11] < losses[0]
 

@@ -1,6 +1,7 @@
 """Shared helpers for trainer-level tests: a tiny fp32 CPU config and log readers."""
 
 import os
+import sys
 
 from tinytron.training.arguments import build_parser, config_from_args
 
@@ -29,6 +30,18 @@ def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
                 assert int(step) not in out, f"step {step} logged twice"
                 out[int(step)] = float(value)
     return out
+
+
+def torchrun_env(bin_dir) -> dict:
+    """os.environ with a `torchrun` of THIS interpreter first on PATH, for tests that run the
+    launch scripts: the tests may run as `.venv/bin/python -m pytest` without an activated venv,
+    when another (or no) torchrun is on PATH."""
+    shim = os.path.join(bin_dir, "torchrun")
+    os.makedirs(bin_dir, exist_ok=True)
+    with open(shim, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+    os.chmod(shim, 0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def _live_parents() -> dict[int, int]:

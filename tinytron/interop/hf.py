@@ -5,7 +5,15 @@ architecture exactly (pre-norm RMSNorm, half-split RoPE, bias-free GQA attention
 router (softmax over all experts, top-k, renormalise) gives the same experts and weights as ours
 (softmax over the k selected logits), and it has no shared experts and no QK-norm (Qwen3-MoE has
 QK-norm, so it cannot express our model). Dropout and the router z-loss only act in training and
-are not exported; the aux-loss coefficient becomes `router_aux_loss_coef`.
+are not exported (Mixtral has no z-loss).
+
+Load balancing: transformers' Mixtral adds `router_aux_loss_coef * k * E * sum_i fbar_i * Pbar_i`,
+fbar / Pbar the mean over ALL layers and all tokens of the batch of our f / P (see MoE), where we
+add `alpha * E * sum_i f_i * P_i` per layer and per sequence. `aux_coef_to_hf` sets
+router_aux_loss_coef = alpha * L / k: the two are then equal for one layer and one sequence per
+batch, equal for every model under uniform routing, and give each layer's router the same
+gradient whenever the layers' loads are equal; otherwise transformers pushes each layer towards
+the all-layer mean load fbar instead of its own f (README, "Hugging Face interop").
 
 Name and layout mapping, per layer i (ours -> HF `model.layers.{i}.`):
     attn_norm.weight           -> input_layernorm.weight
@@ -64,8 +72,13 @@ def to_hf_config(config: ModelConfig, bos_token_id: int | None = None, eos_token
     return MixtralConfig(intermediate_size=config.moe_intermediate_size,
                          num_local_experts=config.num_experts,
                          num_experts_per_tok=config.num_experts_per_tok,
-                         router_aux_loss_coef=config.moe_aux_loss_coeff, router_jitter_noise=0.0,
+                         router_aux_loss_coef=aux_coef_to_hf(config), router_jitter_noise=0.0,
                          sliding_window=None, **common)
+
+
+def aux_coef_to_hf(config: ModelConfig) -> float:
+    """Mixtral's router_aux_loss_coef with our load-balancing strength: alpha * L / k (module doc)."""
+    return config.moe_aux_loss_coeff * config.num_layer / config.num_experts_per_tok
 
 
 def from_hf_config(hf_config: PretrainedConfig, source: str = "config.json") -> ModelConfig:
@@ -106,7 +119,7 @@ def from_hf_config(hf_config: PretrainedConfig, source: str = "config.json") -> 
         fields.update(num_experts=c.num_local_experts, num_experts_per_tok=c.num_experts_per_tok,
                       moe_intermediate_size=c.intermediate_size,
                       moe_router_softmax_before_topk=True,  # Mixtral's formulation
-                      moe_aux_loss_coeff=c.router_aux_loss_coef)
+                      moe_aux_loss_coeff=c.router_aux_loss_coef * c.num_experts_per_tok / c.num_hidden_layers)
     config = ModelConfig(**fields)
     try:
         config.validate()
@@ -334,8 +347,9 @@ _MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 def init_from_hf(model: GPT, hf_dir: str) -> None:
     """Copy the weights of a Llama / Mixtral folder into `model` in place (copy_, so parameters that
-    are views into flat buffers stay views). Works before or after expert parallelism (each rank
-    keeps its experts). The architecture in config.json must equal model.config's."""
+    are views into flat buffers stay views). Under expert parallelism call it after
+    `apply_expert_parallel`: each rank then copies its own experts' slice. The architecture in
+    config.json must equal model.config's."""
     theirs, ours = read_hf_config(hf_dir), model.config
     for name in _ARCH_FIELDS + (_MOE_FIELDS if ours.use_moe else _DENSE_FIELDS):
         if getattr(theirs, name) != getattr(ours, name):

@@ -189,16 +189,16 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.training.seed)
         model = GPT(cfg.model)
-        if cfg.training.init_from_hf:  # continued pre-training; a resumed checkpoint still wins
-            from tinytron.interop.hf import init_from_hf  # lazy: transformers stays optional
-            try:
-                init_from_hf(model, cfg.training.init_from_hf)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
         if ps.get_sep_size() > 1:
             apply_sequence_parallel(model, ps.get_sep_group())
             if cfg.model.use_moe:
                 apply_expert_parallel(model, ps.get_ep_group())
+        if cfg.training.init_from_hf:  # continued pre-training; a resumed checkpoint still wins
+            from tinytron.interop.hf import init_from_hf  # lazy: transformers stays optional
+            try:  # after the expert split: each rank copies its own experts' slice
+                init_from_hf(model, cfg.training.init_from_hf)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         model.to(self.device)
         model.set_activation_checkpointing(cfg.training.activation_checkpointing)
         if cfg.training.use_compile:

@@ -15,9 +15,9 @@ class RotaryEmbedding(nn.Module):
         # Not persistent: derived from the config, so checkpoints stay free of it.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    @torch.autocast(device_type="cuda", enabled=False)
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: [B or 1, T] integer -> (cos, sin), each [B or 1, T, head_dim] fp32."""
+        # fp32 throughout (angles up to T need it): autocast lowers only matmul-like ops, none here.
         angles = position_ids.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos(), emb.sin()

@@ -93,16 +93,22 @@ class MoE(nn.Module):
 
     After each forward:
       aux_loss: scalar, this rank's share of the load-balancing (+ z-) loss of the micro-batch.
-        The statistics are taken over all tokens of the EP group, and every rank holds the part
-        coming from its own tokens, so the SUM over the EP/SEP group is the loss of the layer run
-        on all the group's tokens in one process, and so are the summed gradients (the trainer
-        sums gradients over SEP). To log the full value, all-reduce (SUM) it over the SEP group.
+        The statistics of a sequence are taken over all its tokens, which the EP (= SEP) group
+        holds in chunks, and every rank holds the part coming from its own tokens, so the SUM over
+        the group is the loss of the layer run on the full sequences in one process, and so are
+        the summed gradients (the trainer sums gradients over SEP). To log the full value,
+        all-reduce (SUM) it over the SEP group.
       expert_load: [E] int64, detached, assignments per expert over the whole EP group.
-    Switch / Mixtral loss: aux = alpha * E * sum_i f_i * P_i, f_i = share of the N * k
-    (token, slot) assignments sent to expert i, P_i = mean over the N tokens of softmax prob i;
-    z-loss = beta * mean(logsumexp(logits)^2) (ST-MoE). The aux loss equals alpha under uniform
-    routing. P_i uses the full softmax in both routing modes: with the top-k weights instead, P
-    would equal f for top-1 (weights all 1) and the loss would have no gradient.
+    Sequence-wise balance loss (DeepSeek-V3) with the Switch / Mixtral normalisation, the mean over
+    the B sequences of the micro-batch:
+      aux = alpha * E / B * sum_b sum_i f_bi * P_bi,  f_bi = share of sequence b's T * k
+      (token, slot) assignments sent to expert i,  P_bi = mean over b's T tokens of softmax prob i;
+      z-loss = beta * mean over all tokens of logsumexp(logits)^2 (ST-MoE).
+    Per sequence, not per micro-batch: the statistics then do not depend on how sequences are
+    grouped into micro-batches or ranks (--batch_size, DP, SEP), and the trainer's mean over
+    micro-batches and DP ranks is the mean over the global batch's sequences. The aux loss equals
+    alpha under uniform routing. P uses the full softmax in both routing modes: with the top-k
+    weights instead, P would equal f for top-1 (weights all 1) and the loss would have no gradient.
     """
 
     def __init__(self, config: ModelConfig):
@@ -150,8 +156,11 @@ class MoE(nn.Module):
         # EP rank that owns the expert. scatter_add, not bincount: no host sync on CUDA.
         flat_experts = experts.flatten()
         order = flat_experts.argsort(stable=True)
-        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(
-            0, flat_experts, torch.ones_like(flat_experts))
+        # Assignments per (sequence, expert), [B, E]: the balance statistics are per sequence.
+        seq_of = torch.arange(B, device=x.device).repeat_interleave(T * k)
+        seq_counts = torch.zeros(B * E, dtype=torch.int64, device=x.device).scatter_add_(
+            0, seq_of * E + flat_experts, torch.ones_like(flat_experts)).view(B, E)
+        counts = seq_counts.sum(dim=0)
         x_sorted = x.reshape(-1, C).to(_compute_dtype(x))[order // k]                   # [N*k, C]
         if self.ep_group is None:
             y_sorted = self._experts(x_sorted, counts)
@@ -161,22 +170,25 @@ class MoE(nn.Module):
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(-1, k, C)
         out = (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
 
-        self.aux_loss, self.expert_load = self._load_balancing(logits, probs, counts)
+        self.aux_loss, self.expert_load = self._load_balancing(logits.view(B, T, E),
+                                                               probs.view(B, T, E), seq_counts)
         return self.dropout(out.view(B, T, C))
 
-    def _load_balancing(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor
+    def _load_balancing(self, logits: torch.Tensor, probs: torch.Tensor, seq_counts: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits, probs: [N, E] fp32 of this rank's tokens; counts: [E] its assignments.
-        Returns (this rank's share of the aux loss, counts over the EP group)."""
-        counts = counts.clone()
-        if self.ep_group is not None:
-            dist.all_reduce(counts, group=self.ep_group)
-        total = counts.sum()                       # N * k over the group
-        num_tokens = total / self.top_k
-        f = counts / total                         # no gradient: counts are integers
-        # P_i over the group = (sum of every rank's prob sums) / num_tokens: each rank contributes
+        """logits, probs: [B, T, E] fp32 of this rank's tokens (its chunk of B sequences);
+        seq_counts: [B, E] its assignments per sequence. Returns (this rank's share of the aux
+        loss, assignments per expert [E] over the EP group)."""
+        if self.ep_group is not None:  # the group's ranks hold chunks of the same B sequences
+            dist.all_reduce(seq_counts, group=self.ep_group)
+        B, E = seq_counts.shape
+        seq_len = seq_counts.sum(dim=1, keepdim=True) / self.top_k   # [B, 1] full sequence length
+        f = seq_counts / (seq_len * self.top_k)    # no gradient: counts are integers
+        # P_bi over the group = (sum of every rank's prob sums) / seq_len: each rank contributes
         # its own sum, so the gradient reaches exactly the logits of its own tokens.
-        aux = self.aux_loss_coeff * self.num_experts * (f * probs.sum(dim=0)).sum() / num_tokens
+        p_sum = probs.sum(dim=1)                   # [B, E]
+        aux = self.aux_loss_coeff * E * (f * p_sum / seq_len).sum() / B
         if self.z_loss_coeff:
-            aux = aux + self.z_loss_coeff * logits.logsumexp(dim=-1).square().sum() / num_tokens
-        return aux, counts
+            aux = aux + self.z_loss_coeff * (logits.logsumexp(dim=-1).square().sum(dim=1)
+                                             / seq_len.squeeze(1)).sum() / B
+        return aux, seq_counts.sum(dim=0)
