@@ -27,6 +27,7 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
 from tinytron.model import GPT
 from tinytron.training.checkpoint import CheckpointError, load_checkpoint, read_model_state
+from tinytron.training.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy_checkpoint")
@@ -154,3 +155,14 @@ def test_checkpoint_of_the_older_format_resumes(tmp_path):
     zero = DistributedOptimizer(torch.optim.AdamW(other.parameters()), param_names=other.named_parameters())
     with pytest.raises(CheckpointError, match=r"another shape: embed.weight is \(64, 32\) there, \(64, 48\) here"):
         load_checkpoint(ckpt_path(run_dir, 8), other, zero)
+
+
+def test_a_config_of_the_older_version_keeps_its_run_folder():
+    """The same command must find the same run folder after an upgrade: flags added since
+    (e.g. --val_max_tokens) enter the hash only when set. 8ea409e4 is the folder hash that
+    commit f8fdcd6 gave the fixture's run (tests/fixtures/legacy_checkpoint/README.md)."""
+    meta = torch.load(os.path.join(LEGACY, "step_00000004", "meta.pt"), weights_only=True)
+    cfg = Config.from_dict(meta["config"])
+    assert cfg.short_hash() == "8ea409e4"
+    capped = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, val_max_tokens=4096))
+    assert capped.short_hash() != cfg.short_hash()

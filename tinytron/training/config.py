@@ -110,6 +110,9 @@ _NOT_HASHED = {"parallel", "logging", "checkpoint"}
 _NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "activation_checkpointing", "use_profiler",
                       "steps_to_profile", "num_workers", "use_distributed_optimizer",
                       "data_cache_dir", "tokenize_num_proc", "max_skipped_steps"}
+# Fields added after the first release enter the hash only when set to a non-default value, so
+# a run started with an older Tinytron keeps its folder (and auto-resumes) after an upgrade.
+_HASHED_IF_SET = {"val_max_tokens", "dataset_weights"}
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,9 @@ class Config:
     def short_hash(self) -> str:
         """8 hex digits over what determines the training result (model, data, optimisation,
         schedule, seed): stable across processes and layouts."""
-        d = {k: {f: v for f, v in sec.items() if f not in _NOT_HASHED_FIELDS}
+        defaults = Config().to_dict()
+        d = {k: {f: v for f, v in sec.items()
+                 if f not in _NOT_HASHED_FIELDS and (f not in _HASHED_IF_SET or v != defaults[k][f])}
              for k, sec in self.to_dict().items() if k not in _NOT_HASHED}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
