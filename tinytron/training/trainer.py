@@ -55,7 +55,9 @@ class Trainer:
             expert_process_group=ps.get_dp_group(), expert_parallel_group=ps.get_ep_group(),
             grad_scale=1.0 / ps.get_dp_size(),
             shard=config.optim.use_distributed_optimizer,
-            param_names={p: n for n, p in self.model.named_parameters()})
+            param_names={p: n for n, p in self.model.named_parameters()}, model=self.model,
+            overlap_grad_reduce=config.parallel.overlap_grad_reduce,
+            overlap_param_gather=config.parallel.overlap_param_gather)
         self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {len(self.train_dataset)} sequences, fewer than one global "
@@ -218,6 +220,7 @@ class Trainer:
 
     def save(self) -> None:
         """Write checkpoint `self.step` (collective)."""
+        self.optimizer.finish_param_gather()
         meta = {"step": self.step, "skipped_steps": self.skipped_steps,
                 "tokens_seen": self.step * self.config.training.total_batch_size,
                 "data_position": {"epoch": self.step // self.steps_per_epoch,
@@ -265,9 +268,10 @@ class Trainer:
         self.optimizer.zero_grad()
         acc = torch.zeros(2, device=self.device)
         load = None  # tokens per expert per MoE layer, summed over micro-steps: [layers, experts]
-        for _ in range(self.grad_accum_steps):
+        for micro in range(self.grad_accum_steps):
             lm, aux = self._forward_loss(next(batches))
-            ((lm + aux) / self.grad_accum_steps).backward()
+            with self.optimizer.micro_step(last=micro == self.grad_accum_steps - 1):
+                ((lm + aux) / self.grad_accum_steps).backward()
             acc += torch.stack((lm.detach(), aux.detach()))
             if self.config.logging.log_expert_load:
                 step_load = torch.stack([m.expert_load for m in self.model.modules()
@@ -304,6 +308,7 @@ class Trainer:
         """Mean token loss over the whole validation set: each DP rank takes every dp_size-th
         sequence; loss sums and token counts are all-reduced, so the value does not depend on
         the layout."""
+        self.optimizer.finish_param_gather()
         self.model.eval()
         val = Subset(self.val_dataset, range(ps.get_dp_rank(), len(self.val_dataset), ps.get_dp_size()))
         totals = torch.zeros(2, device=self.device)
@@ -370,6 +375,7 @@ class Trainer:
                     break
             if profiler is not None:  # the run ended inside the profiled range
                 self._finish_profile(profiler)
+        self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.metrics.close()
 
     def _log_metrics(self, step: int, stats: dict) -> None:
