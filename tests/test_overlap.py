@@ -104,17 +104,52 @@ MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_i
 OFF = ["--no-overlap_grad_reduce", "--no-overlap_param_gather"]
 
 
+class CollectivesInBackward:
+    """Counts the collectives launched while a Tensor.backward() runs (gradient reductions, and
+    the Ulysses / expert all-to-alls of the backward itself)."""
+
+    def __enter__(self):
+        self.count, self.inside = 0, False
+        self.real = {name: getattr(dist, name) for name in ("all_to_all_single", "all_reduce")}
+        self.real_backward = torch.Tensor.backward
+
+        def launch(name):
+            def wrapper(*args, **kwargs):
+                self.count += self.inside
+                return self.real[name](*args, **kwargs)
+            return wrapper
+
+        def backward(tensor, *args, **kwargs):
+            self.inside = True
+            try:
+                return self.real_backward(tensor, *args, **kwargs)
+            finally:
+                self.inside = False
+
+        for name in self.real:
+            setattr(dist, name, launch(name))
+        torch.Tensor.backward = backward
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.real.items():
+            setattr(dist, name, fn)
+        torch.Tensor.backward = self.real_backward
+
+
 def train_runs(log_dir: str, layouts: list[list[str]]) -> list[dict]:
     """Train each layout with overlap on and off: per run, the step statistics (loss, aux loss,
-    grad norm), val losses and final weights."""
+    grad norm), val losses, final weights and the collectives launched inside backward()."""
     out = []
     for i, flags in enumerate(layouts):
         for overlap in (True, False):
             trainer = RecordingTrainer(tiny_config(f"{log_dir}/{i}{overlap}", *BASE, *flags,
                                                    *([] if overlap else OFF)))
             trainer.history, trainer.val_history = [], []
-            trainer.train()
+            with CollectivesInBackward() as counter:
+                trainer.train()
             out.append(dict(history=trainer.history, val=trainer.val_history,
+                            in_backward=counter.count,
                             weights={n: p.detach().clone()
                                      for n, p in trainer.model.named_parameters()}))
     return out
@@ -126,6 +161,8 @@ def assert_pairs_bitwise(runs: list[dict]) -> None:
         assert on["history"] == off["history"] and on["val"] == off["val"]   # floats: bitwise
         for name, w in on["weights"].items():
             assert torch.equal(w, off["weights"][name]), name
+        # The Trainer reduced grads inside its backward: at least one bucket in each of 6 steps.
+        assert on["in_backward"] >= off["in_backward"] + 6, (on["in_backward"], off["in_backward"])
 
 
 def test_trainer_overlap_is_bitwise_the_same(tmp_path):
