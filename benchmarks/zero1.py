@@ -5,12 +5,16 @@ World 2 on gloo/CPU, a GPT of a few M params. Every variant lives in the same tw
 they take turns (interleaved: load changes hit all alike), two consecutive steps each, the second
 timed, so that its forward waits for the all-gathers the first one launched. Per variant, medians
 of STEPS timed steps after WARMUP:
-  step ms         forward + backward + grad sync + clip + optimizer step (+ all-gather)
+  step ms         forward + backward + grad sync + clip + optimizer step (+ all-gather), on the
+                  slower rank
   exposed grad    from the return of the last backward to the start of the optimizer step: the
                   wait for the grad reductions, the norm (one scalar all-reduce) and the clip
   gather wait     time the next forward waits for the param all-gathers (overlap_param_gather)
   last bucket     a blocking reduction of the last-launched bucket alone: the least exposed time
                   overlap can reach (that bucket holds the embedding, whose grad is final last)
+The waits are taken on the rank that needed them least, step by step: a rank that finishes its
+backward first also waits for its peer to catch up (load imbalance, not communication); the last
+rank to arrive waits only for the communication still in flight.
 Bytes each rank hands to collectives per step are counted by construction (every collective call
 with its buffer size; DDP: every gradient, all-reduced once). "Wire" = bytes each rank sends with
 ring algorithms: all-reduce 2(N-1)/N x buffer, reduce-scatter and all-gather (N-1)/N x buffer.
@@ -169,12 +173,20 @@ def _bench(bucket_size_mb: float):
             per_step = {"all_reduce": sum(p.nbytes for p in variant.model.parameters())}
         state_bytes = sum(v.nbytes for st in variant.state.values() for v in st.values()
                           if torch.is_tensor(v) and v.dim() > 0)
-        out[name] = dict(ms={k: 1e3 * statistics.median(v) for k, v in times[name].items()},
+        out[name] = dict(ms={k: _median_over_steps(v, k == "step")
+                             for k, v in times[name].items()},
                          per_step=per_step, state_bytes=state_bytes)
-    out["last_bucket"] = dict(ms=1e3 * statistics.median(times["last bucket"]["reduce"]),
+    out["last_bucket"] = dict(ms=_median_over_steps(times["last bucket"]["reduce"], False),
                               mib=last.nbytes / 2**20)
     out["numel"] = sum(p.numel() for p in variants["ddp"].model.parameters())
     return out
+
+
+def _median_over_steps(seconds: list[float], slowest: bool) -> float:
+    """Median over steps, in ms, of the slowest rank's time (slowest) or of the least one."""
+    t = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if slowest else dist.ReduceOp.MIN)
+    return 1e3 * statistics.median(t.tolist())
 
 
 def main() -> None:
