@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the pretrain.sh scripts: `launch ENTRY_SCRIPT FLAGS...` runs torchrun with the
 # cluster layout taken from the environment:
 #   NUM_NODES (1); MASTER_ADDR (127.0.0.1) and MASTER_PORT (29500): the rendezvous endpoint, on
@@ -27,7 +28,8 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # those itself, and a flag on the command line would override them.
 torchrun_args=()
 opt() {
-  local var="PET_$(tr 'a-z-' 'A-Z_' <<< "${1#--}")"
+  local var
+  var="PET_$(tr 'a-z-' 'A-Z_' <<< "${1#--}")"
   [ -n "${!var:-}" ] || torchrun_args+=("$1" "$2")
 }
 opt --nnodes "$NUM_NODES"
@@ -42,7 +44,43 @@ if [ -z "${PET_RDZV_ENDPOINT:-}${PET_MASTER_ADDR:-}" ]; then
   opt --rdzv-id "${RUN_ID:-tinytron}"
 fi
 
+# Stopping (README "Checkpoints and resuming"): SIGTERM or SIGUSR1 to this script is passed on
+# to the workers (torchrun's children), which save a checkpoint and exit 0; SIGUSR1 reaching
+# torchrun itself is ignored (its default action would kill it), SIGTERM makes it pass SIGTERM on
+# and exit 1. The workers confirm a stop after a complete save in $TINYTRON_STOP_FILE
+# ("<signal> <step>"); then this launcher exits 0 whatever torchrun's exit status, and under
+# SLURM (SLURM_JOB_ID set) a stop on SIGUSR1, the early warning before the time limit, requeues
+# the job (task 0 runs `scontrol requeue`), which resumes from that checkpoint.
 launch() {
   local entry=$1; shift
-  exec torchrun "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@"
+  TINYTRON_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/tinytron-stop.XXXXXX")
+  export TINYTRON_STOP_FILE
+  (trap '' USR1; exec torchrun "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &
+  torchrun_pid=$!
+  trap 'forward_signal TERM' TERM
+  trap 'forward_signal USR1' USR1
+  trap : INT  # Ctrl-C reaches torchrun too, which stops the workers: keep waiting for it
+  local rc=0
+  wait "$torchrun_pid" || rc=$?
+  while kill -0 "$torchrun_pid" 2>/dev/null; do  # `wait` was interrupted by a trapped signal
+    rc=0
+    wait "$torchrun_pid" || rc=$?
+  done
+  local stop
+  stop=$(cat "$TINYTRON_STOP_FILE")
+  rm -f "$TINYTRON_STOP_FILE"
+  if [ -n "$stop" ]; then
+    echo "[launch] the workers stopped on ${stop% *} after saving step ${stop#* } (torchrun exit $rc): exit 0" >&2
+    rc=0
+    if [ "${stop% *}" = SIGUSR1 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_PROCID:-0}" = 0 ]; then
+      echo "[launch] requeueing SLURM job $SLURM_JOB_ID" >&2
+      scontrol requeue "$SLURM_JOB_ID" || echo "[launch] scontrol requeue $SLURM_JOB_ID failed" >&2
+    fi
+  fi
+  exit "$rc"
+}
+
+# The workers (torchrun's children) act on the signal; before they exist, torchrun gets SIGTERM.
+forward_signal() {
+  pkill "-$1" -P "$torchrun_pid" || kill -TERM "$torchrun_pid" 2>/dev/null || true
 }

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from tests.utils import TINY_FLAGS, read_log
-from tinytron.training.checkpoint import list_complete
+from tests.utils import TINY_FLAGS, children, process_tree, read_log
+from tinytron.training.checkpoint import list_complete, read_model_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = "tests/elastic_worker.py"
@@ -25,21 +25,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    """Live child processes of `pid` (torchrun's workers), from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-            except OSError:  # exited meanwhile
-                continue
-            if int(ppid) == pid and state != "Z":
-                out.append(int(entry))
-    return out
 
 
 def _alive(pid: int) -> bool:
@@ -67,9 +52,8 @@ def _job(cmd, log_dir, *flags, env=None):
         yield proc
     finally:
         if proc.poll() is None:
-            for pid in _children(proc.pid):
+            for pid in process_tree(proc.pid):
                 os.kill(pid, signal.SIGKILL)
-            proc.kill()
             proc.communicate()
 
 
@@ -79,7 +63,7 @@ def _run_dir(log_dir) -> str:
 
 
 def _final_model(run_dir: str) -> dict:
-    return torch.load(os.path.join(list_complete(os.path.join(run_dir, "checkpoints"))[-1], "model.pt"))
+    return read_model_state(list_complete(os.path.join(run_dir, "checkpoints"))[-1])
 
 
 # The killed run goes through scripts/launch.sh (MAX_RESTARTS -> torchrun --max-restarts).
@@ -99,7 +83,8 @@ def test_killed_worker_restarts_and_resumes_bitwise(tmp_path):
         while not (killed.is_dir() and list_complete(os.path.join(_run_dir(killed), "checkpoints"))):
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
             time.sleep(0.01)
-        (victim,) = [p for p in _children(proc.pid) if _rank_of(p) == 0]
+        (torchrun,) = children(proc.pid)  # the launcher waits on torchrun, whose children are the workers
+        (victim,) = [p for p in children(torchrun) if _rank_of(p) == 0]
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
         _, ref_err = ref.communicate(timeout=60)
@@ -127,7 +112,7 @@ def test_stuck_rank_fails_the_job_within_the_timeout(tmp_path):
               "--stall_seconds", "10") as proc:
         workers = []
         while len(workers) < 2 and proc.poll() is None:
-            workers = _children(proc.pid)
+            workers = children(proc.pid)
             time.sleep(0.01)
         _, err = proc.communicate(timeout=60)
     elapsed = time.monotonic() - start

@@ -172,7 +172,8 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_export_and_generate(tmp_path, capsys):
-    """A checkpoint written in the Trainer's format -> `python -m tinytron.export` -> a folder that
+    """A checkpoint in the Trainer's older format (model.pt; the sharded format is exported in
+    test_sep2_checkpoint_exports_like_sep1) -> `python -m tinytron.export` -> a folder that
     transformers loads (model and tokenizer) -> `python -m tinytron.generate` prints the greedy
     continuation our own model computes, from the HF folder and from the checkpoint alike. (Two
     real subprocesses; the other command lines run in-process through the same `main`, since each

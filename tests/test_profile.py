@@ -88,3 +88,16 @@ def test_grouped_mm_counted_like_the_loop():
 def test_mfu():
     assert mfu(1000.0, 6e9, None) is None
     assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
+
+
+def test_gqa_attention_kernels_counted_per_query_head():
+    """The CUDA SDPA kernels receive GQA key/value heads unexpanded (enable_gqa); the counter must
+    count them as torch's formula counts the same attention with the heads repeated."""
+    from torch.utils.flop_counter import sdpa_flop_count
+    q, kv = torch.empty(2, 8, 64, 16, device="meta"), torch.empty(2, 2, 64, 16, device="meta")
+    expected = sdpa_flop_count(q.shape, q.shape, q.shape)  # the kv heads repeated to 8
+    mapping = model_flop_counter().flop_registry
+    aten = torch.ops.aten
+    for op in (aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention,
+               aten._scaled_dot_product_cudnn_attention):
+        assert mapping[op](q, kv, kv, out_val=None) == expected

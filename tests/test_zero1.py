@@ -29,7 +29,7 @@ from torch import nn
 from tests.dist_helper import run_distributed
 from tinytron.distributed.parallel_state import initialize_parallel_state
 from tinytron.distributed.zero1 import DistributedOptimizer
-from tinytron.distributed.zero1.distributed_optimizer import CHECKPOINT_FILE
+from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
 
 D, NUM_EXPERTS, TOKENS, STEPS = 5, 4, 16, 10
 LRS = (1e-2, 3e-3)                  # decay group, no-decay group
@@ -282,8 +282,7 @@ def resume_runs(ckpt_dir: str, other: tuple | None) -> dict:
         half = global_of(model, state.sep_group)
         train(model, zero, state, range(HALF, STEPS), **RESUME)
         out[shard] = dict(half=half, state_dict=zero.state_dict() if shard else None,
-                          saved=torch.load(os.path.join(save_dir, CHECKPOINT_FILE),
-                                           weights_only=True),
+                          saved=read_state_dict(save_dir),
                           uninterrupted=global_of(model, state.sep_group),
                           resumed=resume(half, save_dir, state, shard))
     out["dir"] = os.path.join(ckpt_dir, "shardTrue")

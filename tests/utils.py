@@ -29,3 +29,33 @@ def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
                 assert int(step) not in out, f"step {step} logged twice"
                 out[int(step)] = float(value)
     return out
+
+
+def _live_parents() -> dict[int, int]:
+    """{pid: parent pid} of the live processes, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            except OSError:  # exited meanwhile
+                continue
+            if state != "Z":
+                parents[int(entry)] = int(ppid)
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (torchrun's workers)."""
+    return [child for child, parent in _live_parents().items() if parent == pid]
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants: a job's launcher, torchrun, the workers (in sessions of
+    their own) and their DataLoader workers."""
+    parents = _live_parents()
+    tree = [root] if root in parents else []
+    for pid in tree:  # grows while it is walked: breadth-first
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return tree

@@ -61,6 +61,16 @@ def _builder_of(file: Path) -> str | None:
     return _BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
+def _looks_local(name: str) -> bool:
+    """A path, not a hub name: absolute, ./ ../ ~ relative, or a data file name. Hub names
+    ("org/name") never start with those characters."""
+    return name.startswith(("/", ".", "~")) or _builder_of(Path(name)) is not None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].rstrip(' :')}"
+
+
 def _local_files(dataset: str) -> list[Path] | None:
     """The data files of a local `dataset` path (a file, or every supported file under a folder,
     sorted), or None when `dataset` is not a local path (a hub name)."""
@@ -69,6 +79,8 @@ def _local_files(dataset: str) -> list[Path] | None:
         files = [path]
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _builder_of(p))
+    elif _looks_local(dataset):
+        raise ValueError(f"--dataset {dataset}: no such file or folder")
     else:
         return None
     if not files:
@@ -84,10 +96,25 @@ def _load_corpus(dataset, dataset_config, split, files):
     from datasets import load_dataset
 
     if files is None:
-        return load_dataset(dataset, dataset_config, split=split)
+        try:
+            return load_dataset(dataset, dataset_config, split=split)
+        except OSError as e:  # not on the hub, no connection, offline and not cached
+            raise ValueError(f"--dataset {dataset}: not a local file or folder, and not loadable from the "
+                             f"hub ({_first_line(e)})") from None
     builder = _builder_of(files[0])
     extra = {"sample_by": "document"} if builder == "text" else {}
     return load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split, **extra)
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"--tokenizer {name}: no such folder")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # not a tokenizer folder, not on the hub, offline and not cached
+        raise ValueError(f"--tokenizer {name}: cannot load a tokenizer from it ({_first_line(e)})") from None
 
 
 def _eos_id(tokenizer, name: str) -> int:
@@ -158,7 +185,7 @@ def _tokenize_and_write(corpus, tokenizer, text_column, eos, num_proc, out_dir: 
 def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathLike, *,
                          dataset_config: str | None = None, text_column: str = "text",
                          split: str = "train", num_proc: int = min(8, os.cpu_count() or 1),
-                         val_fraction: float = 0.005) -> Path:
+                         val_fraction: float = 0.005, vocab_size: int | None = None) -> Path:
     """Tokenize `dataset` with `tokenizer` into `cache_dir` once; return the cache folder (for
     TokenWindowDataset). Reuses the folder when it already exists.
 
@@ -169,16 +196,19 @@ def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathL
     text_column: the column holding the documents' text.
     num_proc: tokenizer processes (`datasets.map`), capped at the number of documents.
     val_fraction: the corpus' last fraction of tokens is the validation split.
+    vocab_size: the model's; a tokenizer with more ids is refused before any tokenizing.
+    Bad paths and names raise ValueError, one line naming the flag (--dataset, --tokenizer).
     Works offline (HF_HUB_OFFLINE=1) with local paths. Single process: under torch.distributed use
     prepare_token_shards_distributed.
     """
-    from transformers import AutoTokenizer
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val_fraction {val_fraction} must be in [0, 1)")
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    eos, vocab_size = _eos_id(tok, tokenizer), len(tok)  # len counts added tokens, .vocab_size not
     files = _local_files(dataset)
+    tok = _load_tokenizer(tokenizer)
+    eos, tok_vocab = _eos_id(tok, tokenizer), len(tok)  # len counts added tokens, .vocab_size not
+    if vocab_size is not None and vocab_size < tok_vocab:
+        raise ValueError(f"--vocab_size {vocab_size} is smaller than the tokenizer's vocabulary {tok_vocab} "
+                         f"({tokenizer})")
     cache_dir = Path(cache_dir)
     final = cache_dir / _cache_name(dataset, dataset_config, split, text_column, files, tokenizer,
                                     tok, eos, val_fraction)
@@ -190,13 +220,13 @@ def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathL
     tmp = cache_dir / f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        dtype = token_dtype(vocab_size)
+        dtype = token_dtype(tok_vocab)
         corpus = _load_corpus(dataset, dataset_config, split, files)
         num_tokens = _tokenize_and_write(corpus, tok, text_column, eos, num_proc, tmp, dtype)
         boundary = num_tokens - round(val_fraction * num_tokens)
         index = {
             "version": _FORMAT_VERSION, "num_tokens": num_tokens, "dtype": dtype.name,
-            "vocab_size": vocab_size, "eos_token_id": eos, "tokenizer": tokenizer,
+            "vocab_size": tok_vocab, "eos_token_id": eos, "tokenizer": tokenizer,
             "num_documents": len(corpus), "val_fraction": val_fraction,
             "source": {"dataset": dataset, "config": dataset_config, "split": split,
                        "text_column": text_column, "files": files and [str(f) for f in files]},
@@ -245,10 +275,13 @@ def main() -> None:
     parser.add_argument("--val_fraction", type=float, default=0.005,
                         help="last fraction of the tokens kept for validation")
     args = parser.parse_args()
-    path = prepare_token_shards(args.dataset, args.tokenizer, args.cache_dir,
-                                dataset_config=args.dataset_config, text_column=args.text_column,
-                                split=args.split, num_proc=args.num_proc,
-                                val_fraction=args.val_fraction)
+    try:
+        path = prepare_token_shards(args.dataset, args.tokenizer, args.cache_dir,
+                                    dataset_config=args.dataset_config, text_column=args.text_column,
+                                    split=args.split, num_proc=args.num_proc,
+                                    val_fraction=args.val_fraction)
+    except ValueError as e:  # bad paths and values: one line, like the training entry points
+        parser.exit(2, f"error: {e}\n")
     print(path)
 
 

@@ -367,20 +367,20 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, di
         raise ValueError(f"--checkpoint {path} does not exist")
     if is_hf_dir(path):
         raise ValueError(f"--checkpoint {path} is a Hugging Face folder, not a Tinytron checkpoint")
-    if os.path.isfile(path):
-        model_file, meta_file = path, os.path.join(os.path.dirname(path), "meta.pt")
+    if os.path.isfile(path):   # a model.pt (the older format) next to its meta.pt
+        step, model_file = os.path.dirname(path), path
     else:
-        step = ckpt.find_latest(path)
+        step, model_file = ckpt.find_latest(path), None
         if step is None:
             raise ValueError(f"--checkpoint {path}: no complete checkpoint (a step folder with a "
                              f"{ckpt.COMPLETE} file, or a run folder holding checkpoints/step_*)")
-        model_file, meta_file = os.path.join(step, "model.pt"), os.path.join(step, "meta.pt")
-    for f in (model_file, meta_file):
-        if not os.path.isfile(f):
-            raise ValueError(f"--checkpoint {path}: {f} is missing")
+    meta_file = os.path.join(step, "meta.pt")
+    if not os.path.isfile(meta_file):
+        raise ValueError(f"--checkpoint {path}: {meta_file} is missing")
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
-        state = torch.load(model_file, map_location="cpu", weights_only=True)
+        state = (torch.load(model_file, map_location="cpu", weights_only=True) if model_file
+                 else ckpt.read_model_state(step))
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise ValueError(f"--checkpoint {path}: unreadable file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None

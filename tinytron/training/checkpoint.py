@@ -1,11 +1,17 @@
 """Checkpoint folders: atomic, complete-or-absent, layout-independent.
 
     <run_dir>/checkpoints/step_00000100/
-        model.pt       full model state dict (all experts, fp32), written by rank 0
-        optimizer/     optimizer state keyed by parameter name (DistributedOptimizer.save)
+        model/         model state (all experts, fp32), sharded: torch.distributed.checkpoint
+                       folder, each tensor written by one rank (see sharded_checkpoint.py)
+        optimizer/     optimizer state keyed by parameter name, each rank writes its own ZeRO-1
+                       shard (DistributedOptimizer.save)
         meta.pt        step, tokens seen, data position, config, layout (rank 0)
         rng/rank{r}.pt RNG states of python, numpy, torch CPU and CUDA of rank r
         COMPLETE       written last: a folder without it is ignored
+
+No rank gathers the full state: each writes its own shard, and reads back the ranges it holds in
+its layout, whatever layout wrote them. An older checkpoint (model.pt: the full state dict;
+optimizer/optimizer.pt: the gathered optimizer state) still loads.
 
 A checkpoint is written into `.tmp_step_<n>` and renamed when complete, so a crash mid-save
 leaves the previous checkpoints intact and the half-written one invisible (the next save
@@ -24,8 +30,11 @@ import torch.distributed as dist
 from torch import nn
 
 from tinytron.distributed import parallel_state as ps
+from tinytron.distributed.sharded_checkpoint import (Chunk, load_state, read_full_state,
+                                                     read_metadata, save_state)
 
 COMPLETE = "COMPLETE"
+LEGACY_MODEL_FILE = "model.pt"
 # Model fields that may change on resume without changing any tensor shape or meaning.
 _RESUMABLE_MODEL_FIELDS = {"dropout", "block_size", "moe_aux_loss_coeff", "moe_z_loss_coeff"}
 
@@ -107,6 +116,50 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
             target.copy_(value)
 
 
+def sharded_model_state(model: nn.Module) -> dict:
+    """{name: tensor} of the model for save_state / load_state: every tensor whole (the same on
+    every rank: written by one), except expert tensors, which are the Chunk of the global (all
+    experts) tensor that this expert-parallel rank holds."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    ep = ps.get_ep_size()
+    if ep > 1:
+        for name, p in _expert_params(model).items():
+            n = p.shape[0]
+            state[name] = Chunk(p.data, (ps.get_ep_rank() * n,) + (0,) * (p.dim() - 1),
+                                (ep * n, *p.shape[1:]))
+    return state
+
+
+def _world_group():
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def load_sharded_model(directory: str, model: nn.Module, source: str) -> None:
+    """Copy the model state saved in `directory` into `model` in place (views into flat buffers
+    stay views), each rank reading only what it holds. Collective. Another model's folder (names,
+    shapes) raises CheckpointError before anything is read."""
+    state = sharded_model_state(model)
+    saved = read_metadata(directory).state_dict_metadata
+    missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} holds another model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, value in state.items():
+        shape = value.global_shape if isinstance(value, Chunk) else tuple(value.shape)
+        if tuple(saved[name].size) != tuple(shape):
+            raise CheckpointError(f"{source} holds a model of another shape: {name} is "
+                                  f"{tuple(saved[name].size)} there, {tuple(shape)} here")
+    load_state(directory, state, _world_group())
+
+
+def read_model_state(path: str) -> dict[str, torch.Tensor]:
+    """The full model state dict (CPU, all experts) of checkpoint folder `path`, assembled in this
+    process (no process group): for export and inspection. Reads the older model.pt too."""
+    legacy = os.path.join(path, LEGACY_MODEL_FILE)
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    return read_full_state(os.path.join(path, "model"))
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": [v.tolist() if isinstance(v, np.ndarray) else v
                                                       for v in np.random.get_state()],
@@ -132,6 +185,39 @@ def _load(path: str):
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__})") from None
 
 
+def _write_payload(tmp: str, model: nn.Module, optimizer) -> list[str]:
+    """Write the model, optimizer and RNG state into checkpoint folder `tmp`, each rank its own
+    shard; return the files this rank wrote. Collective."""
+    files = save_state(os.path.join(tmp, "model"), sharded_model_state(model), _world_group())
+    files += optimizer.save(os.path.join(tmp, "optimizer"))
+    rng_file = os.path.join(tmp, "rng", f"rank{_rank()}.pt")
+    torch.save(rng_state(), rng_file)
+    return files + [rng_file]
+
+
+def _read_payload(path: str, model: nn.Module, optimizer) -> None:
+    """Load the model and optimizer state of checkpoint folder `path` (either format).
+    Collective. Unreadable or foreign files raise CheckpointError."""
+    legacy = os.path.join(path, LEGACY_MODEL_FILE)
+    model_dir = os.path.join(path, "model")
+    if os.path.isfile(legacy):
+        load_full_model_state_dict(model, _load(legacy), path)
+    else:
+        try:
+            load_sharded_model(model_dir, model, path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as in _load
+            raise CheckpointError(f"model state in {model_dir} is corrupt or unreadable "
+                                  f"({type(e).__name__})") from None
+    optimizer_dir = os.path.join(path, "optimizer")
+    try:
+        optimizer.load(optimizer_dir)
+    except Exception as e:  # noqa: BLE001 - as in _load; ValueError: another model's parameter names
+        raise CheckpointError(f"optimizer state in {optimizer_dir} is corrupt, unreadable or of another "
+                              f"model ({type(e).__name__})") from None
+
+
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dict,
                     keep_last_n: int = 0) -> str:
     """Write checkpoint `step` atomically. Collective: every rank calls it."""
@@ -143,11 +229,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dic
             shutil.rmtree(leftover, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
-    model_state = full_model_state_dict(model)
-    if rank == 0:
-        torch.save(model_state, os.path.join(tmp, "model.pt"))
-    optimizer.save(os.path.join(tmp, "optimizer"))
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+    _write_payload(tmp, model, optimizer)
     _barrier()
     if rank == 0:
         torch.save(meta, os.path.join(tmp, "meta.pt"))
@@ -175,13 +257,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, model_config=None) -
             if name in saved and saved[name] != value and name not in _RESUMABLE_MODEL_FIELDS:
                 raise CheckpointError(f"{path} holds a checkpoint of another model: "
                                       f"{name} {saved[name]} there, {value} here")
-    load_full_model_state_dict(model, _load(os.path.join(path, "model.pt")), path)
-    optimizer_dir = os.path.join(path, "optimizer")
-    try:
-        optimizer.load(optimizer_dir)
-    except Exception as e:  # noqa: BLE001 - as in _load; ValueError: another model's parameter names
-        raise CheckpointError(f"optimizer state in {optimizer_dir} is corrupt, unreadable or of another "
-                              f"model ({type(e).__name__})") from None
+    _read_payload(path, model, optimizer)
     rng_file = os.path.join(path, "rng", f"rank{_rank()}.pt")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if meta.get("world_size") == world and os.path.isfile(rng_file):

@@ -37,6 +37,8 @@ class TrainingConfig:
         choices=("none", "full", "selective")))
     do_val: bool = field(default=True, metadata=_help("evaluate on the validation set"))
     val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)"))
+    val_max_tokens: int = field(default=2**21, metadata=_help(
+        "tokens one evaluation scores at most: a fixed strided subset of the validation set (0: all)"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
     steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help("first and last step to profile", nargs=2))
     init_from_hf: str = field(default="", metadata=_help("Hugging Face Llama/Mixtral folder to initialise the weights from"))
@@ -60,9 +62,11 @@ class DataConfig:
     use_mock_data: bool = field(default=False, metadata=_help("train on generated data (no files)"))
     mock_data_num_samples: int = field(default=10000, metadata=_help("mock training sequences (validation: 1/10)"))
     num_workers: int = field(default=2, metadata=_help("DataLoader worker processes per rank"))
-    dataset: str = field(default="", metadata=_help("hub dataset name or local .txt/.jsonl/.parquet file or folder"))
-    dataset_config: str = field(default="", metadata=_help("dataset configuration name (e.g. sample-10BT)"))
-    text_column: str = field(default="text", metadata=_help("column holding the documents"))
+    dataset: str = field(default="", metadata=_help("hub dataset name or local .txt/.jsonl/.parquet file or folder; comma-separated: a blend"))
+    dataset_config: str = field(default="", metadata=_help("dataset configuration name (e.g. sample-10BT; comma-separated: per corpus)"))
+    text_column: str = field(default="text", metadata=_help("column holding the documents (comma-separated: per corpus)"))
+    dataset_weights: str = field(default="", metadata=_help(
+        "comma-separated mixing weights of the comma-separated --dataset corpora (default: equal)"))
     tokenizer: str = field(default="", metadata=_help("transformers tokenizer: hub name or local folder"))
     data_cache_dir: str = field(default="data_cache", metadata=_help("where tokenized corpora are cached"))
     val_fraction: float = field(default=0.005, metadata=_help("fraction of the tokens held out for validation"))
@@ -185,6 +189,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
     if t.val_every_steps <= 0 or cfg.checkpoint.save_every_steps <= 0:
         raise ConfigError("--val_every_steps and --save_every_steps must be positive")
+    if t.val_max_tokens < 0 or 0 < t.val_max_tokens < t.seq_len:
+        raise ConfigError(f"--val_max_tokens {t.val_max_tokens} must be 0 (no cap) or at least --seq_len {t.seq_len}")
     if t.max_skipped_steps < 1:
         raise ConfigError(f"--max_skipped_steps {t.max_skipped_steps} must be >= 1")
     if p.dist_timeout_minutes <= 0:

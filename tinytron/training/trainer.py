@@ -13,9 +13,9 @@ import json
 import math
 import os
 import signal
-import sys
 import time
-from contextlib import nullcontext
+import traceback
+from contextlib import closing, nullcontext
 from datetime import timedelta
 
 import torch
@@ -24,13 +24,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tinytron.data.mock import MockDataset
-from tinytron.data.sampler import GlobalBatchSampler
+from tinytron.data.sampler import GlobalBatchSampler, validation_indices
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
+from tinytron.training import abort
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.metrics import MetricsLogger, check_sink_packages
@@ -43,9 +44,29 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss keeps diverging); one-line message."""
 
 
+# Signals that ask the run to save and stop: SIGTERM (SLURM's scancel and preemption, Kubernetes,
+# torchrun passing its own SIGTERM on) and SIGUSR1 (SLURM's early warning, `--signal=USR1@120`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of the DataLoader workers: the main process decides what a signal means.
+    A worker that died of a SIGTERM meant for the whole job (SLURM signals every process,
+    torchrun its workers' process groups) would fail the step with "DataLoader worker is killed
+    by signal"; SIGINT (Ctrl-C reaches the whole process group) would print a traceback per worker."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
+        # From the start: a signal during setup (tokenizing, loading a checkpoint) stops the run
+        # after its first step instead of killing the process.
+        self._stop_signals = set()  # stop signals this process received
+        self.stop_signal = None  # name of the stop signal any rank received, once the ranks agreed
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_stop_signal)
         self._init_distributed()
         self.train_dataset = self.val_dataset = None
         self._init_dataset()
@@ -65,7 +86,6 @@ class Trainer:
         t = config.training
         self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
         self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
-        self._stop_requested = False
         self._last_save_time = time.monotonic()
         self._resume()
         lg = config.logging
@@ -109,6 +129,7 @@ class Trainer:
             # Let the NCCL watchdog abort a stuck collective instead of hanging (no-op on gloo).
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
             dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.dist_timeout_minutes))
+            abort.watch(world)  # an error on one rank ends every rank (see abort.py)
         if dist.is_initialized():
             ps.initialize_parallel_state(cfg.parallel.sep_size)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -119,11 +140,33 @@ class Trainer:
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if self.is_main and restarts not in (None, "0"):
             print(f"[tinytron] torchrun restart {restarts}: resuming from the newest complete checkpoint", flush=True)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        # Only a flag: the step in flight finishes, then every rank agrees to save and stop.
-        self._stop_requested = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        # Only a flag: the ranks share it at their next all-reduce (a step's statistics, the
+        # validation totals, or the one after a save), and all stop at the same step.
+        self._stop_signals.add(signum)
+
+    def _flags_tensor(self, *extra: float) -> torch.Tensor:
+        """[SIGTERM received, SIGUSR1 received, *extra] of this rank, on the device for an
+        all-reduce (pinned and copied without blocking: it is part of every step)."""
+        flags = [float(sig in self._stop_signals) for sig in STOP_SIGNALS] + list(extra)
+        return torch.tensor(flags, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+
+    def _agree_on_stop(self, flags: list[float]) -> None:
+        """flags: the first len(STOP_SIGNALS) values of _flags_tensor summed over all ranks, so
+        the same on every rank: any signal on any rank stops the run, named after SIGUSR1 if any
+        rank got one (the launcher requeues a SLURM job on SIGUSR1)."""
+        got = [sig.name for sig, count in zip(STOP_SIGNALS, flags) if count > 0]
+        if got and self.stop_signal is None:
+            self.stop_signal = "SIGUSR1" if "SIGUSR1" in got else got[0]
+
+    def _stop_agreed(self) -> bool:
+        """Share the stop signals received since the last all-reduce (collective)."""
+        flags = self._flags_tensor()
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        self._agree_on_stop(flags.tolist())
+        return self.stop_signal is not None
 
     def _init_dataset(self) -> None:
         """Set `self.train_dataset` and `self.val_dataset`: map-style datasets whose item i is a
@@ -281,12 +324,11 @@ class Trainer:
         grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
         # SEP ranks hold shares of one sequence's loss (sum them); DP ranks hold different
         # sequences (average them): a SUM over the world divided by dp_size does both. The same
-        # all-reduce carries the stop request (SIGTERM on any rank) and rank 0's time-based save
+        # all-reduce carries the stop signals (on any rank) and rank 0's time-based save
         # decision, so every rank acts on them at the same step.
         minutes = self.config.checkpoint.save_every_minutes
         save_due = self.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
-        flags = torch.tensor([float(self._stop_requested), float(save_due)],
-                             pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        flags = self._flags_tensor(float(save_due))
         # Expert loads are already totals over the EP (= SEP) group: divide by sep before the sum.
         extra = [] if load is None else [load.flatten() / ps.get_sep_size()]
         stats = torch.cat((acc / (self.grad_accum_steps * ps.get_dp_size()), flags, *extra))
@@ -294,23 +336,28 @@ class Trainer:
             dist.all_reduce(stats)
         values = torch.cat((stats, grad_norm.view(1))).tolist()  # the step's one host sync
         grad_norm = values.pop()
-        lm_loss, aux_loss, stop, save_due = values[:4]
+        lm_loss, aux_loss, stop_term, stop_usr1, save_due = values[:5]
+        self._agree_on_stop([stop_term, stop_usr1])
         expert_load = None if load is None else [
-            [round(v) for v in values[4 + i * load.shape[1]:4 + (i + 1) * load.shape[1]]] for i in range(load.shape[0])]
+            [round(v) for v in values[5 + i * load.shape[1]:5 + (i + 1) * load.shape[1]]] for i in range(load.shape[0])]
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr,
-                "finite": finite, "stop": stop > 0, "save_due": save_due > 0, "expert_load": expert_load}
+                "finite": finite, "stop": self.stop_signal is not None, "save_due": save_due > 0,
+                "expert_load": expert_load}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the whole validation set: each DP rank takes every dp_size-th
-        sequence; loss sums and token counts are all-reduced, so the value does not depend on
-        the layout."""
+        """Mean token loss over the validation set, or over the fixed subset of at most
+        --val_max_tokens tokens (`validation_indices`): each DP rank takes every dp_size-th
+        sequence of it; loss sums and token counts are all-reduced, so the value does not depend
+        on the layout. The same all-reduce shares the stop signals received meanwhile."""
         self.optimizer.finish_param_gather()
         self.model.eval()
-        val = Subset(self.val_dataset, range(ps.get_dp_rank(), len(self.val_dataset), ps.get_dp_size()))
+        t = self.config.training
+        scored = validation_indices(len(self.val_dataset), t.val_max_tokens // t.seq_len)
+        val = Subset(self.val_dataset, scored[ps.get_dp_rank()::ps.get_dp_size()].tolist())
         totals = torch.zeros(2, device=self.device)
         # A private generator, so validation never draws from the global (dropout) RNG.
         for batch in DataLoader(val, batch_size=self.config.training.batch_size, generator=torch.Generator()):
@@ -319,33 +366,41 @@ class Trainer:
                 logits = self.model(inputs, position_ids=positions)
             totals += torch.stack((cross_entropy_sum(logits, targets),
                                    (targets != IGNORE_INDEX).sum().float()))
+        totals = torch.cat((totals, self._flags_tensor()))
         if dist.is_initialized():
             dist.all_reduce(totals)
         self.model.train()
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        loss = totals[0] / totals[1].clamp(min=1)
+        loss, *flags = torch.cat((loss.view(1), totals[2:])).tolist()
+        self._agree_on_stop(flags)
+        return loss
 
     def _train_loader(self):
+        """The training batches, from this rank's position in the data order: a generator, so that
+        closing it shuts the DataLoader workers down even while an exception is raised (they ignore
+        SIGTERM, so the interpreter's exit would wait on them forever)."""
         t = self.config.training
         sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_seqs, t.batch_size,
-                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step)
+                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step,
+                                     blend=getattr(self.train_dataset, "blend", None))
         workers = self.config.data.num_workers
         # A private generator: creating the iterator draws a seed from it, which from the global
         # RNG would shift the dropout stream of a resumed run (restored RNG, then a new iterator).
-        return iter(DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=workers,
-                               pin_memory=self.device.type == "cuda",
-                               prefetch_factor=4 if workers else None,
-                               generator=torch.Generator().manual_seed(t.seed)))
+        yield from DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=workers,
+                              pin_memory=self.device.type == "cuda",
+                              prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals,
+                              generator=torch.Generator().manual_seed(t.seed))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
         cfg = self.config
         t, c = cfg.training, cfg.checkpoint
-        batches = self._train_loader()
         flops_tok, peak = flops_per_token(cfg.model, t.seq_len), peak_flops(self.device)
         profiler = None
         self.model.train()
         # `with`: the bar's line is ended even on an error, so the error prints on its own line.
-        with tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True) as bar:
+        with closing(self._train_loader()) as batches, \
+                tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True) as bar:
             while self.step < self.total_steps:
                 if self.is_main and t.use_profiler and self.step == t.steps_to_profile[0]:
                     profiler = torch.profiler.profile()
@@ -367,16 +422,30 @@ class Trainer:
                     stats["val_loss"] = self.evaluate()
                     self._log(f"{step} val {stats['val_loss']:.6f}")
                 self._log_metrics(step, stats)
-                if c.do_save and (self.step % c.save_every_steps == 0 or last or stats["stop"] or stats["save_due"]):
+                stopping = self.stop_signal is not None  # agreed in the step's or validation's all-reduce
+                if c.do_save and (self.step % c.save_every_steps == 0 or last or stopping or stats["save_due"]):
                     self.save()
-                if stats["stop"]:
-                    if self.is_main:
-                        print(f"[tinytron] SIGTERM: saved step {self.step}, exiting", flush=True)
+                    # A signal that came during this save: stop here, the step is saved.
+                    stopping = stopping or (not last and self._stop_agreed())
+                if stopping:
+                    self._stopped()
                     break
             if profiler is not None:  # the run ended inside the profiled range
                 self._finish_profile(profiler)
         self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.metrics.close()
+
+    def _stopped(self) -> None:
+        """After the agreed stop (and its complete checkpoint): say so, and tell the launcher
+        (scripts/launch.sh) through $TINYTRON_STOP_FILE that this node's workers stopped on a
+        signal on purpose: torchrun itself exits 1 when it got the signal too."""
+        saved = f"saved step {self.step}" if self.config.checkpoint.do_save else f"at step {self.step}, not saved"
+        if self.is_main:
+            print(f"[tinytron] {self.stop_signal}: {saved}, exiting", flush=True)
+        stop_file = os.environ.get("TINYTRON_STOP_FILE")
+        if stop_file and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            with open(stop_file, "w") as f:
+                f.write(f"{self.stop_signal} {self.step}\n")
 
     def _log_metrics(self, step: int, stats: dict) -> None:
         """One record per step to metrics.jsonl / TensorBoard / W&B (rank 0 writes)."""
@@ -432,24 +501,29 @@ class Trainer:
 
 
 def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
-    """Entry point for scripts: parse flags, train, and turn bad input into one line + exit 2."""
+    """Entry point for scripts: parse flags and train. A failure is one line, the same on every
+    rank (see abort.py), and the exit code: 2 for bad input, 1 otherwise."""
     from tinytron.training.arguments import build_parser, config_from_args
     parser = parser or build_parser()
     config = config_from_args(parser.parse_args(argv))
     try:
         trainer_cls(config).train()
     except (ConfigError, ckpt.CheckpointError) as e:
-        _exit(f"error: {e}", 2)
+        abort.fail(f"error: {e}", 2)
     except TrainingError as e:
-        _exit(f"error: {e}", 1)
-    except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
-        if not (dist.is_initialized() and _is_comm_failure(e)):
-            raise
-        # A peer stopped answering (timeout) or died: say which rank saw it and what it waited for.
-        rank = dist.get_rank()
+        abort.fail(f"error: {e}", 1)
+    except Exception as e:  # noqa: BLE001 - one line for the other ranks, after the traceback
+        rank = dist.get_rank() if dist.is_initialized() else 0
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _exit(f"error: rank {rank}: collective failed (a rank died or exceeded "
-              f"--dist_timeout_minutes {config.parallel.dist_timeout_minutes}): {first}", 1)
+        # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
+        if dist.is_initialized() and isinstance(e, RuntimeError) and _is_comm_failure(e):
+            # A peer stopped answering (timeout) or died: a symptom, so not posted to the other
+            # ranks (they see it too); say which rank saw it and what it waited for.
+            abort.fail(f"error: rank {rank}: collective failed (a rank died or exceeded "
+                       f"--dist_timeout_minutes {config.parallel.dist_timeout_minutes}): {first}", 1, post=False)
+        traceback.print_exc()
+        abort.fail(f"error: rank {rank}: {type(e).__name__}: {first}", 1)
+    abort.stop_watching()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -458,10 +532,3 @@ def _is_comm_failure(e: Exception) -> bool:
     text = str(e).lower()
     return isinstance(e, dist.DistError) or any(
         k in text for k in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
-
-
-def _exit(message: str, code: int) -> None:
-    """Leave without waiting on peers (they may be gone): no process-group teardown."""
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)

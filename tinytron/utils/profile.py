@@ -2,7 +2,7 @@
 forward + backward (to check the formula), and model FLOPs utilisation (MFU)."""
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from tinytron.model.config import ModelConfig
 
@@ -42,15 +42,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> floa
 
 # ------------------------------------------------------------------------- FLOP counter
 
+def _sdpa_flops(query, key, value) -> int:
+    """Full (non-causal) QK^T and AV for shapes query [B, H, Tq, D], key [B, Hkv, Tk, D], value
+    [B, Hkv, Tk, Dv]: 2 * B * H * Tq * Tk * (D + Dv). Every query head attends, so a GQA key/value
+    head shared by H / Hkv query heads counts once per query head (torch 2.11's own
+    `sdpa_flop_count` asserts equal head counts and fails on the CUDA kernels' `enable_gqa` inputs)."""
+    b, h, tq, d = query
+    tk, dv = key[-2], value[-1]
+    return 2 * b * h * tq * tk * (d + dv)
+
+
 def _attention_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """Full (non-causal) QK^T and AV, torch's own formula for its CUDA SDPA kernels."""
-    return sdpa_flop_count(query, key, value)
+    return _sdpa_flops(query, key, value)
 
 
 def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
     """The four matmuls of the attention backward (dV, dP, dQ, dK) = 2 x forward. torch's formula
     adds a fifth, the flash kernels' recomputation of QK^T: hardware work, not model FLOPs."""
-    return 2 * sdpa_flop_count(query, key, value)
+    return 2 * _sdpa_flops(query, key, value)
 
 
 def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
@@ -73,6 +82,7 @@ def model_flop_counter() -> FlopCounterMode:
     forward (full attention: it ignores is_causal); this adds what it does not count or counts
     differently:
       * the CPU flash-attention kernels (forward and backward), which it skips (0 FLOPs);
+      * GQA inputs (fewer key/value heads than query heads), on which torch 2.11's formula fails;
       * attention backward as 2 x forward, without the flash recomputation of QK^T;
       * aten._grouped_mm (the grouped-GEMM MoE path).
     Use: `with model_flop_counter() as fc: ...; fc.get_total_flops()`."""
@@ -81,8 +91,12 @@ def model_flop_counter() -> FlopCounterMode:
                     aten._scaled_dot_product_flash_attention_backward,
                     aten._scaled_dot_product_efficient_attention_backward,
                     aten._scaled_dot_product_cudnn_attention_backward]
+    forward_ops = [aten._scaled_dot_product_flash_attention_for_cpu,
+                   aten._scaled_dot_product_flash_attention,
+                   aten._scaled_dot_product_efficient_attention,
+                   aten._scaled_dot_product_cudnn_attention]
     mapping = {op: _attention_backward_flops for op in backward_ops}
-    mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _attention_forward_flops
+    mapping.update({op: _attention_forward_flops for op in forward_ops})
     if hasattr(aten, "_grouped_mm"):
         mapping[aten._grouped_mm] = _grouped_mm_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)

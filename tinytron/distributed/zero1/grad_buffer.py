@@ -68,6 +68,39 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool 
     return op(output, input, group=group, async_op=async_op)   # torch 2.13 renamed it
 
 
+def bucket_layout(numels: list[int], bucket_numel: int, size: int
+                  ) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
+    """Where FlatBuffer puts tensors of `numels` elements, in order: buckets of at most
+    `bucket_numel` elements (a bigger tensor gets a bucket of its own), each padded to a multiple
+    of the group `size`. Returns (flat start of each tensor, [start, end) of each bucket, the
+    tensor indices of each bucket). A pure function: `tinytron.plan` sizes buffers with it."""
+    offsets, buckets, members = [], [], []
+    current: list[int] = []
+    start = end = 0
+
+    def close() -> int:
+        buckets.append((start, start + -(-(end - start) // size) * size))
+        members.append(current)
+        return buckets[-1][1]
+
+    for i, n in enumerate(numels):
+        if current and end + n - start > bucket_numel:
+            start = end = close()
+            current = []
+        offsets.append(end)
+        current.append(i)
+        end += n
+    close()
+    return offsets, buckets, members
+
+
+def shard_of(bucket: tuple[int, int], size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank `rank`'s shard of `bucket` (padded to a multiple of `size`)."""
+    start, end = bucket
+    shard = (end - start) // size
+    return start + rank * shard, start + (rank + 1) * shard
+
+
 class FlatBuffer:
     """Flat params and grads of `params` (distinct, same dtype and device), reduced over `group`.
 
@@ -86,21 +119,9 @@ class FlatBuffer:
                 raise ValueError(f"parameters reduced over one group must share dtype and device; "
                                  f"got {dtype}/{device} and {p.dtype}/{p.device}")
 
-        # Pack params in order into buckets of at most bucket_numel elements (a bigger param gets
-        # a bucket of its own), padding each bucket to a multiple of the group size.
-        self.offsets: dict[nn.Parameter, int] = {}           # param -> start in the flat buffers
-        self.buckets: list[tuple[int, int]] = []             # [start, end) of each bucket
-        self.bucket_params: list[list[nn.Parameter]] = []    # the params of each bucket
-        start = end = 0
-        members: list[nn.Parameter] = []
-        for p in params:
-            if members and end + p.numel() - start > bucket_numel:
-                start = end = self._close_bucket(start, end, members)
-                members = []
-            self.offsets[p] = end
-            members.append(p)
-            end += p.numel()
-        self._close_bucket(start, end, members)
+        offsets, self.buckets, members = bucket_layout([p.numel() for p in params], bucket_numel, self.size)
+        self.offsets: dict[nn.Parameter, int] = dict(zip(params, offsets))  # param -> flat start
+        self.bucket_params = [[params[i] for i in m] for m in members]      # the params of each bucket
         numel = self.buckets[-1][1]
 
         self.param_data = torch.zeros(numel, dtype=dtype, device=device)
@@ -112,17 +133,9 @@ class FlatBuffer:
             p.grad = self.grad_data[o:o + n].view_as(p)
         self._grads = {p: p.grad for p in self.offsets}
 
-    def _close_bucket(self, start: int, end: int, members: list[nn.Parameter]) -> int:
-        end = start + -(-(end - start) // self.size) * self.size
-        self.buckets.append((start, end))
-        self.bucket_params.append(members)
-        return end
-
     def shard_range(self, bucket: tuple[int, int]) -> tuple[int, int]:
         """[lo, hi) of this rank's shard of `bucket`, in flat-buffer elements."""
-        start, end = bucket
-        shard = (end - start) // self.size
-        return start + self.rank * shard, start + (self.rank + 1) * shard
+        return shard_of(bucket, self.size, self.rank)
 
     def local_pieces(self) -> dict[nn.Parameter, tuple[int, int]]:
         """param -> [lo, hi): the flat range of param that lies in this rank's shard (only the

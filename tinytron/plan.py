@@ -1,0 +1,220 @@
+"""Will it fit? Per-rank GPU memory of a run, from its flags, without allocating the model.
+
+    python -m tinytron.plan <the flags of a run> --gpu_memory_gib 80 --world_size 64
+    tinytron-plan ...                          (the same, as a console script)
+
+Prints, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off; MoE experts split
+over the expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and the
+activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
+the given one; then the total of the run's own mode and the largest --batch_size that fits.
+
+Parameters, gradients and optimizer state are exact: the model is built on the meta device (no
+memory), its parameters go through the same bucket layout as `FlatBuffer` (padding included) and
+the same shard rule as ZeRO-1. Activations are what autograd saves for backward, per token, op
+by op (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
+tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T) memory: output and
+log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments per token on
+every rank). Peak also counts the transients of backward: the recomputed block(s) of activation
+checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA context
+and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
+`--usable_fraction` (0.9) of the GPU.
+"""
+
+import dataclasses
+import inspect
+import sys
+import types
+
+import torch
+
+from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
+from tinytron.distributed.zero1 import DistributedOptimizer
+from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
+from tinytron.model import GPT
+from tinytron.training.arguments import build_parser, config_from_args
+from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.training.trainer import Trainer
+
+GiB = 2**30
+MODES = ("none", "selective", "full")
+
+
+def _optimizer_order(cfg: Config, trainer_cls=Trainer) -> list[torch.nn.Parameter]:
+    """The parameters of GPT(cfg.model), built on the meta device (no memory), in the order the
+    trainer's `_init_optimizer` lists them (which decides the flat-buffer layout)."""
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    fake = types.SimpleNamespace(model=model, config=cfg, device=torch.device("meta"))
+    optimizer = trainer_cls._init_optimizer(fake)
+    return list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
+
+
+def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) -> list[dict]:
+    """Exact bytes of parameters, gradients and AdamW state on each global rank (a list).
+
+    Dense params live in one flat buffer over the world, expert params (each rank's 1/ep of the
+    experts) in one over its DP group (dp rank = rank // sep); each buffer is cut into buckets
+    padded to a multiple of its group size. AdamW keeps exp_avg and exp_avg_sq (param dtype) per
+    element a rank steps, plus one 4-byte `step` per stepped tensor (a shard piece under ZeRO-1,
+    a whole param without)."""
+    sep = cfg.parallel.sep_size
+    ep = sep if cfg.model.use_moe else 1
+    order = _optimizer_order(cfg, trainer_cls)
+    bucket_bytes = inspect.signature(DistributedOptimizer).parameters["bucket_size_mb"].default * 2**20
+    out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
+    for is_expert, size in ((False, world_size), (True, world_size // sep)):
+        members = [p for p in order if getattr(p, "is_expert", False) == is_expert]
+        if not members:
+            continue
+        numels = [p.numel() // (ep if is_expert else 1) for p in members]
+        item = members[0].element_size()
+        offsets, buckets, bucket_members = bucket_layout(numels, max(1, int(bucket_bytes) // item), size)
+        for rank, rank_bytes in enumerate(out):
+            rank_bytes["params"] += buckets[-1][1] * item
+            rank_bytes["grads"] += buckets[-1][1] * item
+            stepped, pieces = sum(numels), len(numels)
+            if zero1 and size > 1:
+                stepped = pieces = 0
+                for bucket, idx in zip(buckets, bucket_members):
+                    lo, hi = shard_of(bucket, size, rank // sep if is_expert else rank)
+                    for i in idx:
+                        overlap = min(offsets[i] + numels[i], hi) - max(offsets[i], lo)
+                        if overlap > 0:
+                            stepped, pieces = stepped + overlap, pieces + 1
+            rank_bytes["optimizer"] += 2 * stepped * item + 4 * pieces
+    return out
+
+
+def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
+    """bf16 copies of the matmul weights that autocast makes in forward and autograd keeps for
+    backward (the router stays fp32; experts are cast explicitly); none under fp32, and none for
+    the blocks that activation checkpointing recomputes."""
+    if cfg.training.precision != "bf16":
+        return 0
+    m = cfg.model
+    C, D, H, Kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
+    attn = C * (H + 2 * Kv) * D + H * D * C
+    mlp = (m.num_experts // sep_size) * 3 * C * m.moe_intermediate_size if m.use_moe else 3 * C * m.intermediate_size
+    per_layer = {"none": attn + mlp, "selective": attn, "full": 0}[mode]
+    return 2 * (m.num_layer * per_layer + m.vocab_size * C)
+
+
+def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> dict:
+    """Bytes of one micro-batch of `batch_size` sequences on one rank (T/sep tokens each):
+    {"saved": what autograd keeps from forward to backward, "transient": the largest extra at
+    once in backward (recomputed block of checkpointing + logits and their fp32 copy)}.
+
+    Per token, a = 2 (bf16 autocast) or 4 (fp32) bytes per element; the residual stream, RMSNorm
+    and loss are fp32:
+      RMSNorm        8C + 4       its fp32 input and normalised x, and 1/rms
+      qkv_proj in    aC           the (autocast) input of the fused projection
+      attention      sep 1: a(H + 2Kv)D (qkv output, kept whole by the v view) + aHD + aKvD
+                     (q and k after RoPE); sep > 1: aHD + 2aKv'D (q, k, v after the all-to-all,
+                     Kv' = kv heads sent) + aHD (output before the all-to-all back)
+                     + aHD (output = o_proj input) + 4H (log-sum-exp)
+      MLP            aC + 4aI     input; gate|up output (2I), silu(gate), their product
+      MoE            4C + 4E + 12k (router input, probs, top-k indices and weights)
+                     + 16k (token order) + k(2aC + 4aI) (sorted tokens, expert SwiGLU and
+                     output per slot) + 4kC (expert outputs in fp32 for the weighted sum)
+                     [+ 4E + 4 with z-loss]
+      final          8C + 4 + aC + 4V (final norm, lm_head input, log-softmax)
+    plus the int64 token ids, 8(T + 1) per sequence, and their flattened copies for the
+    embedding and the loss, 16 T/sep, and RoPE's cos/sin, 8 T/sep D per micro-batch.
+    selective keeps only the MLP input (4C) of each MLP; full keeps only each block's input (4C).
+    """
+    m, T = cfg.model, cfg.training.seq_len
+    a = 2 if cfg.training.precision == "bf16" else 4
+    C, D, H, Kv, V, k = (m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads,
+                         m.vocab_size, m.num_experts_per_tok)
+    norm = 8 * C + 4
+    if sep_size == 1:
+        attn = a * C + a * (H + 2 * Kv) * D + a * H * D + a * Kv * D + a * H * D + 4 * H
+    else:
+        attn = a * C + a * H * D + 2 * a * kv_heads_to_send(Kv, sep_size) * D + 2 * a * H * D + 4 * H
+    if m.use_moe:
+        I, E = m.moe_intermediate_size, m.num_experts
+        mlp = 4 * C + 4 * E + 12 * k + 16 * k + k * (2 * a * C + 4 * a * I) + 4 * k * C
+        mlp += 4 * E + 4 if m.moe_z_loss_coeff else 0
+    else:
+        mlp = a * C + 4 * a * m.intermediate_size
+    layer = {"none": 2 * norm + attn + mlp, "selective": norm + attn + 4 * C, "full": 4 * C}[mode]
+    tokens = batch_size * (T // sep_size)
+    saved = (tokens * (m.num_layer * layer + norm + a * C + 4 * V + 16)
+             + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D)
+    recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
+    logits = V * (a + 4 if a == 2 else 4)  # bf16 logits + their fp32 copy (fp32: the logits)
+    return {"saved": saved, "transient": tokens * (recompute + logits)}
+
+
+def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
+    return max(0, int((usable - fixed) // per_seq))
+
+
+def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: float = 0.9,
+         trainer_cls=Trainer) -> str:
+    """The report `python -m tinytron.plan` prints (raises ConfigError on bad flags)."""
+    grad_accum = validate_config(cfg, world_size)
+    t, sep, zero1 = cfg.training, cfg.parallel.sep_size, cfg.optim.use_distributed_optimizer
+    dp = world_size // sep
+    usable = usable_fraction * gpu_memory_gib * GiB
+    seps = sorted({1, sep})
+    # Ranks differ only by padding and shard boundaries: report the largest.
+    states = {(s, z): max(state_bytes(_with_sep(cfg, s), world_size, z, trainer_cls), key=lambda b: b["optimizer"])
+              for s in seps for z in (True, False)}
+    lines = [f"world {world_size} = dp {dp} x sep {sep}; micro-batch {t.batch_size} x {t.seq_len} tokens, "
+             f"grad accumulation {grad_accum}; {t.precision}; GPU {gpu_memory_gib:g} GiB, "
+             f"{usable_fraction:.0%} usable = {usable / GiB:.1f} GiB", "",
+             f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}" for s in seps)]
+    for key, label in (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
+                       ("optimizer", "AdamW state (fp32 m, v)")):
+        lines.append(f"  {label:<25}" + "".join(f"{states[s, True][key] / GiB:>18.3f} {states[s, False][key] / GiB:>6.3f}"
+                                                for s in seps))
+    lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
+              f"--batch_size that fits (ZeRO-1 {'on' if zero1 else 'off'})",
+              "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
+    totals = {}
+    for s in seps:
+        for mode in MODES:
+            act, one = activation_bytes(cfg, t.batch_size, s, mode), activation_bytes(cfg, 1, s, mode)
+            copies = weight_copy_bytes(cfg, s, mode)
+            rope = 8 * (t.seq_len // s) * cfg.model.head_dim  # per micro-batch, not per sequence
+            fixed = sum(states[s, zero1].values()) + copies + rope
+            totals[s, mode] = (fixed + sum(act.values()) - rope, fixed, sum(one.values()) - rope)
+            lines.append(f"  {s:<4} {mode:<15} {act['saved'] / GiB:>7.3f} {act['transient'] / GiB:>19.3f} "
+                         f"{copies / GiB:>19.3f} {_largest_batch(usable, *totals[s, mode][1:]):>21}")
+    mode = t.activation_checkpointing
+    total, fixed, per_seq = totals[sep, mode]
+    fit = _largest_batch(usable, fixed, per_seq)
+    seqs_per_rank = t.total_batch_size // (t.seq_len * dp)
+    valid = [b for b in range(1, min(fit, seqs_per_rank) + 1) if seqs_per_rank % b == 0]
+    lines += ["", f"this run (--activation_checkpointing {mode}, --sep_size {sep}): "
+              f"{total / GiB:.2f} GiB of {usable / GiB:.1f} usable per rank: "
+              + ("fits" if total <= usable else "DOES NOT FIT"),
+              f"largest --batch_size that fits: {fit}; the largest dividing the {seqs_per_rank} sequences "
+              f"per DP rank and step: {valid[-1] if valid else 'none'}"]
+    return "\n".join(lines)
+
+
+def _with_sep(cfg: Config, sep: int) -> Config:
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sep_size=sep))
+
+
+def main(argv=None) -> None:
+    parser = build_parser("Tinytron memory plan: per-rank GPU memory of a run, without allocating it")
+    group = parser.add_argument_group("plan")
+    group.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU (default: %(default)s)")
+    group.add_argument("--world_size", type=int, default=8, help="ranks of the run (default: %(default)s)")
+    group.add_argument("--usable_fraction", type=float, default=0.9,
+                       help="share of the GPU the run may use (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        if args.world_size < 1 or args.gpu_memory_gib <= 0 or not 0 < args.usable_fraction <= 1:
+            raise ConfigError("--world_size must be >= 1, --gpu_memory_gib > 0 and --usable_fraction in (0, 1]")
+        print(plan(config_from_args(args), args.world_size, args.gpu_memory_gib, args.usable_fraction))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Fail together: an error on one rank ends every rank within seconds, with the same line.
+
+A rank that fails alone (a file only it reads is corrupt, an exception before a collective) would
+leave its peers waiting in their next collective until --dist_timeout_minutes (NCCL), or failing
+later with an unrelated "connection closed" (gloo). Instead, `fail` posts the one-line message
+and exit code in the job's key-value store (the TCPStore at MASTER_ADDR:MASTER_PORT that
+torch.distributed already uses, through a connection of our own); a daemon thread on every rank
+(`watch`) checks the store every second (one small request per rank) and, once a message is
+there, prints it and exits with its code. The first message posted wins, so every rank prints the same line. Before exiting, each
+rank waits (at most a few seconds) until every rank has read the message: rank 0 may host the
+store, and leaving early would hide the message from the slower ranks.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+POLL_SECONDS = 1.0  # how often the watcher looks for a message
+READ_TIMEOUT_SECONDS = 10.0  # how long a rank waits for the others to read the message
+
+_channel = None
+_exit_lock = threading.Lock()  # taken once, by the thread that prints and exits
+
+
+class _Channel:
+    """The message slot of this attempt of the job in the store, and the thread watching it."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=60))
+        # torchrun may keep one store for all restarts of a job: one slot per attempt.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"tinytron/abort/{attempt}", store)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="tinytron-abort", daemon=True)
+        self.thread.start()
+
+    def post(self, message: str, code: int) -> tuple[str, int]:
+        """Post (message, code) unless another rank did first; -> the posted one, marked as read."""
+        if self.store.add("posted", 1) == 1:
+            self.store.set("message", json.dumps([message, code]))
+        return self.read()
+
+    def read(self) -> tuple[str, int]:
+        message, code = json.loads(self.store.get("message"))  # get waits until it is set
+        self.store.add("read", 1)
+        return message, code
+
+    def wait_until_read(self) -> None:
+        deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+        while self.store.add("read", 0) < self.world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(POLL_SECONDS):
+            try:
+                if not self.store.check(["message"]):
+                    continue
+                message, code = self.read()
+            except Exception:  # noqa: BLE001 - the store is gone (its host exited): nothing to relay
+                return
+            # On a line of its own: rank 0's progress bar may be open on this line.
+            _exit("\n" + message, code, self)
+
+
+def watch(world_size: int) -> None:
+    """Start relaying other ranks' failures to this process (after init_process_group, env://)."""
+    global _channel
+    if world_size > 1 and _channel is None and "MASTER_ADDR" in os.environ:
+        _channel = _Channel(world_size)
+
+
+def stop_watching() -> None:
+    """Before a normal exit: the store may go away with rank 0."""
+    global _channel
+    if _channel is not None:
+        _channel.stopped.set()
+        _channel.thread.join()
+        _channel = None
+
+
+def fail(message: str, code: int, post: bool = True) -> None:
+    """Print one line and leave with `code`, on every rank: post it for the other ranks (or, with
+    post=False, for a symptom such as a failed collective, only print it, unless another rank
+    already posted the cause, which is printed instead). Does not return."""
+    channel = _channel
+    if channel is not None:
+        try:
+            if post:
+                message, code = channel.post(message, code)
+            elif channel.store.check(["message"]):
+                message, code = channel.read()
+            else:
+                channel = None
+        except Exception:  # noqa: BLE001 - the store's host is gone: this rank's own line
+            channel = None
+    _exit(message, code, channel)
+
+
+def _exit(message: str, code: int, channel) -> None:
+    """Print the line, wait for the other ranks to read it, leave without waiting on peers (no
+    process-group teardown: they may be gone)."""
+    _exit_lock.acquire()  # never released: a second failure (e.g. the watcher) waits for os._exit
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if channel is not None:
+        try:
+            channel.wait_until_read()
+        except Exception:  # noqa: BLE001 - the store's host left first: nobody else to wait for
+            pass
+    os._exit(code)
