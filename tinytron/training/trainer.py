@@ -461,6 +461,7 @@ class Trainer:
         self.metrics.log(step, record)
 
     def _finish_profile(self, profiler) -> None:
+        self.optimizer.finish_param_gather()   # no collective still recording into the trace
         profiler.__exit__(None, None, None)
         profiler.export_chrome_trace(os.path.join(self.run_dir, "rank0_trace.json"))
 
