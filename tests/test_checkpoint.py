@@ -234,17 +234,26 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_keep_last_n_removes_old_only_after_new_is_complete(tmp_path, monkeypatch):
     """--keep_last_n_checkpoints 2, saves at 2, 4, 6, 8: checkpoint 2 is removed once 6 is
-    complete, 4 once 8 is; 6 and 8 remain, and no .tmp folder."""
-    real_rmtree, removals = shutil.rmtree, []
+    complete, 4 once 8 is, each by its COMPLETE marker first; 6 and 8 remain, and no .tmp folder."""
+    real_remove, real_rmtree, removals = os.remove, shutil.rmtree, []
+
+    def remove(path, *args, **kwargs):
+        if os.path.basename(path) == COMPLETE:
+            folder = os.path.dirname(path)
+            removals.append((os.path.basename(folder), complete_steps(os.path.dirname(os.path.dirname(folder)))))
+        real_remove(path, *args, **kwargs)
 
     def rmtree(path, *args, **kwargs):
-        if os.path.isfile(os.path.join(path, COMPLETE)):
-            removals.append((os.path.basename(path), complete_steps(os.path.dirname(os.path.dirname(path)))))
+        assert not os.path.isfile(os.path.join(path, COMPLETE)), f"{path} deleted before its COMPLETE marker"
         real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(os, "remove", remove)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     run_dir, _ = resume_and_train(tmp_path, "--save_every_steps", "2", "--keep_last_n_checkpoints", "2")
     assert removals == [("step_00000002", [2, 4, 6]), ("step_00000004", [4, 6, 8])]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000006", "step_00000008"]
+    removals.clear()  # more to keep than there are: nothing removed
+    run_dir, _ = resume_and_train(tmp_path / "five", "--save_every_steps", "2", "--keep_last_n_checkpoints", "5")
+    assert removals == [] and complete_steps(run_dir) == [2, 4, 6, 8]
 
 
 # ---------------------------------------------------------------------- non-finite steps
@@ -340,7 +349,8 @@ def test_training_error_is_printed_on_its_own_line(nan_stop):
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
     """`python pretrain_debug.py` with: a --resume_path that does not exist; a --resume_path
-    holding another model shape; a truncated model shard; a truncated optimizer shard; a --log_dir
+    holding another model shape or another --seq_len; a --resume_path whose model shard or
+    optimizer shard is truncated (named explicitly: no fallback); a --log_dir
     under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
     with one line on stderr starting with "error:" and leaves every existing file as it was."""
     src_dir, _ = resume_and_train(tmp_path / "src")
@@ -348,15 +358,18 @@ def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
     for name in ("model/__0_0.distcp", "optimizer/__0_0.distcp"):
         log_dir = tmp_path / f"corrupt-{os.path.dirname(name)}"
         shutil.copytree(src_dir, log_dir / os.path.basename(src_dir))
-        path = os.path.join(ckpt_path(tiny_config(log_dir).run_dir, 8), name)
+        checkpoint = ckpt_path(tiny_config(log_dir).run_dir, 8)
+        path = os.path.join(checkpoint, name)
         os.truncate(path, os.path.getsize(path) // 2)
-        cases[f"corrupt {name}"] = (["--log_dir", str(log_dir)], log_dir, "is corrupt")
+        cases[f"corrupt {name}"] = (["--log_dir", str(log_dir), "--resume_path", checkpoint], log_dir, "is corrupt")
     (tmp_path / "afile").write_text("not a folder\n")
     cases.update({
         "missing resume_path": (["--log_dir", str(tmp_path / "src"), "--resume_path", str(tmp_path / "nope")],
                                 tmp_path / "src", "does not exist"),
         "other shape": (["--log_dir", str(tmp_path / "other"), "--hidden_size", "48", "--resume_path", src_dir],
-                        tmp_path / "src", "hidden_size 32 there, 48 here"),
+                        tmp_path / "src", "--hidden_size 48 differs from 32 in the checkpoint"),
+        "other seq_len": (["--log_dir", str(tmp_path / "other"), "--seq_len", "8", "--resume_path", src_dir],
+                          tmp_path / "src", "--seq_len 8 differs from 16 in the checkpoint"),
         "unwritable log_dir": (["--log_dir", str(tmp_path / "afile" / "logs")], tmp_path / "afile",
                                "is not writable"),
     })

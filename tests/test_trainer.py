@@ -97,6 +97,7 @@ def _cli(*flags, nproc=None):
     (["--warmup_steps", "8"], "--warmup_steps 8 must be smaller than --max_steps 8"),
     (["--hidden_size", "30"], "--hidden_size 30 is not divisible by --num_attention_heads 4"),
     (["--resume_path", "/nonexistent/run"], "--resume_path /nonexistent/run does not exist"),
+    (["--skip_data_steps", "-1"], "--skip_data_steps -1 must be >= 0"),
     (["--seq_len", "15", "--sep_size", "1", "--block_size", "8"], "--seq_len 15 exceeds --block_size 8"),
 ])
 def test_bad_flags_one_line_error(tmp_path, flags, message):

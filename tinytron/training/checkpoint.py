@@ -5,24 +5,34 @@
                        folder, each tensor written by one rank (see sharded_checkpoint.py)
         optimizer/     optimizer state keyed by parameter name, each rank writes its own ZeRO-1
                        shard (DistributedOptimizer.save)
-        meta.pt        step, tokens seen, data position, config, layout (rank 0)
+        meta.pt        step, tokens seen, data position, branch, config, layout (rank 0)
         rng/rank{r}.pt RNG states of python, numpy, torch CPU and CUDA of rank r
         COMPLETE       written last: a folder without it is ignored
+    <run_dir>/checkpoints/abandoned/<branch id>/step_*/
+                       checkpoints moved aside by a rewind: kept, never resumed automatically
 
 No rank gathers the full state: each writes its own shard, and reads back the ranges it holds in
 its layout, whatever layout wrote them. An older checkpoint (model.pt: the full state dict;
 optimizer/optimizer.pt: the gathered optimizer state) still loads.
 
-A checkpoint is written into `.tmp_step_<n>` and renamed when complete, so a crash mid-save
-leaves the previous checkpoints intact and the half-written one invisible (the next save
-removes it).
+A checkpoint is written into `.tmp_step_<n>`, fsynced, and renamed when complete, so a crash
+mid-save (or a power loss after it) leaves the previous checkpoints intact and the half-written
+one invisible (the next save removes it).
+
+Lineage: the checkpoints of a run folder form one branch of training. meta.pt records the branch
+(`branch`: id, the --resume_path and --skip_data_steps that started it, its first step), so a
+restart of the same command continues the branch from its newest checkpoint, and a new
+--resume_path (a rewind, or a start from another run) starts a new branch, moving the checkpoints
+it abandons aside (`plan_resume`, `move_aside`). This layer only handles folders, markers and
+meta.pt; it does not depend on the format of the model and optimizer files.
 """
 
-import dataclasses
 import glob
 import os
 import random
 import shutil
+import time
+import uuid
 
 import numpy as np
 import torch
@@ -34,9 +44,8 @@ from tinytron.distributed.sharded_checkpoint import (Chunk, load_state, read_ful
                                                      read_metadata, save_state)
 
 COMPLETE = "COMPLETE"
+ABANDONED = "abandoned"
 LEGACY_MODEL_FILE = "model.pt"
-# Model fields that may change on resume without changing any tensor shape or meaning.
-_RESUMABLE_MODEL_FIELDS = {"dropout", "block_size", "moe_aux_loss_coeff", "moe_z_loss_coeff"}
 
 
 class CheckpointError(RuntimeError):
@@ -54,6 +63,11 @@ def _barrier() -> None:
 
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
+
+
+def step_of(path: str) -> int:
+    """The step of a checkpoint folder `.../step_<n>`."""
+    return int(os.path.basename(os.path.normpath(path))[len("step_"):])
 
 
 def list_complete(root: str) -> list[str]:
@@ -185,6 +199,57 @@ def _load(path: str):
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__})") from None
 
 
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's (its entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folders(path: str) -> None:
+    """fsync path and every folder under it (their entries: the names of the files in them)."""
+    for folder, _, _ in os.walk(path):
+        _fsync(folder)
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint folder: its COMPLETE marker first (made durable), so a crash during
+    the deletion leaves an ignored folder, never a "complete" checkpoint with files missing."""
+    marker = os.path.join(path, COMPLETE)
+    if os.path.exists(marker):
+        os.remove(marker)
+        _fsync(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def new_branch_id() -> str:
+    """A branch id that sorts by creation time: UTC timestamp + random suffix."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def move_aside(root: str, paths: list[str], branch_id: str) -> str:
+    """Move checkpoint folders into root/abandoned/<branch_id>/ (kept for inspection; auto-resume
+    never looks there); -> that folder. Each rename is atomic and made durable."""
+    dest = os.path.join(root, ABANDONED, branch_id)
+    os.makedirs(dest, exist_ok=True)
+    for path in paths:
+        os.rename(path, os.path.join(dest, os.path.basename(path)))
+    _fsync(dest)
+    _fsync(root)
+    return dest
+
+
+def superseded(root: str, path: str) -> list[str]:
+    """The complete checkpoints of `root` that resuming checkpoint `path` abandons: the later
+    ones, or all of them when `path` is not one of root's (another run's, or an abandoned one)."""
+    own = list_complete(root)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
+        return own
+    return [d for d in own if step_of(d) > step_of(path)]
+
+
 def _write_payload(tmp: str, model: nn.Module, optimizer) -> list[str]:
     """Write the model, optimizer and RNG state into checkpoint folder `tmp`, each rank its own
     shard; return the files this rank wrote. Collective."""
@@ -220,7 +285,9 @@ def _read_payload(path: str, model: nn.Module, optimizer) -> None:
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dict,
                     keep_last_n: int = 0) -> str:
-    """Write checkpoint `step` atomically. Collective: every rank calls it."""
+    """Write checkpoint `step` atomically and durably. Collective: every rank calls it.
+    keep_last_n > 0: then keep it and the newest keep_last_n - 1 older checkpoints, delete the
+    rest (never the one just written)."""
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp_step_{step:08d}")
     rank = _rank()
     if rank == 0:
@@ -229,34 +296,88 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dic
             shutil.rmtree(leftover, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
-    _write_payload(tmp, model, optimizer)
+    for path in _write_payload(tmp, model, optimizer):
+        _fsync(path)  # by the rank that wrote it: on a shared file system, from the node that did
     _barrier()
     if rank == 0:
         torch.save(meta, os.path.join(tmp, "meta.pt"))
+        _fsync(os.path.join(tmp, "meta.pt"))
+        fsync_folders(tmp)  # every file and its name on disk before the marker says complete
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             f.write(f"{step}\n")
             f.flush()
             os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        _fsync(tmp)
+        if os.path.isdir(final):
+            remove_checkpoint(final)
         os.rename(tmp, final)
-        if keep_last_n > 0:  # only now that the new one is complete
-            for old in list_complete(root)[:-keep_last_n]:
-                shutil.rmtree(old, ignore_errors=True)
+        _fsync(root)  # the rename itself survives a power loss
+        if keep_last_n > 0:  # only now that the new one is complete; never the new one itself
+            older = [d for d in list_complete(root) if step_of(d) < step]
+            for old in older[:max(0, len(older) - (keep_last_n - 1))]:
+                remove_checkpoint(old)
     _barrier()
     return final
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer, model_config=None) -> dict:
+def read_meta(path: str) -> dict:
+    """meta.pt of a checkpoint folder; CheckpointError if unreadable."""
+    return _load(os.path.join(path, "meta.pt"))
+
+
+def branch_key(resume_path: str, run_dir: str) -> str:
+    """--resume_path as recorded in the branch it starts ("" for none): relative to the run
+    folder when inside it (so a moved run folder keeps its lineage), else absolute."""
+    if not resume_path:
+        return ""
+    path, run = os.path.realpath(resume_path), os.path.realpath(run_dir)
+    return os.path.relpath(path, run) if path == run or is_inside(path, run) else path
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` lies under `folder` (after resolving links)."""
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+
+
+def plan_resume(run_dir: str, resume_path: str, skip_data_steps: int) -> list[tuple[str, bool]]:
+    """The checkpoints to try, in order (the first readable one is resumed), each with whether
+    resuming it starts a new branch. [] means a fresh start. Rank 0 decides (see Trainer._resume).
+
+    The run's branch is the one of its newest checkpoint with a readable meta.pt. The command
+    continues that branch when its --resume_path is empty or the one that started the branch,
+    and its --skip_data_steps is the branch's: newest first, falling back to older ones of the
+    branch (then to --resume_path itself). Otherwise it starts a new branch: from --resume_path
+    when given (an explicit choice: no fallback), else from the newest checkpoint (only
+    --skip_data_steps changed)."""
+    own = list_complete(os.path.join(run_dir, "checkpoints"))[::-1]  # newest first
+    key = branch_key(resume_path, run_dir)
+    branch = None
+    for path in own:
+        try:
+            branch = read_meta(path).get("branch", {})
+            break
+        except CheckpointError:
+            continue
+    start = find_latest(resume_path) if resume_path and os.path.exists(resume_path) else None
+    if branch is not None and (not key or branch.get("resume_path", "") == key) \
+            and branch.get("skip_data_steps", 0) == skip_data_steps:
+        if not key:
+            return [(path, False) for path in own]
+        first = branch.get("start_step", 0)
+        return [(path, False) for path in own if step_of(path) > first] + ([(start, True)] if start else [])
+    if key:
+        if not os.path.exists(resume_path):
+            raise CheckpointError(f"--resume_path {resume_path} does not exist")
+        if start is None:
+            raise CheckpointError(f"--resume_path {resume_path} holds no complete checkpoint")
+        return [(start, True)]
+    return [(path, True) for path in own]
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer) -> dict:
     """Load model, optimizer and this rank's RNG state from a complete checkpoint folder; return
-    its meta. RNG states are restored only when the world size is the one that saved them.
-    With `model_config` (a dataclass), a checkpoint of another architecture is refused first."""
-    meta = _load(os.path.join(path, "meta.pt"))
-    if model_config is not None:
-        saved = meta.get("config", {}).get("model", {})
-        for name, value in dataclasses.asdict(model_config).items():
-            if name in saved and saved[name] != value and name not in _RESUMABLE_MODEL_FIELDS:
-                raise CheckpointError(f"{path} holds a checkpoint of another model: "
-                                      f"{name} {saved[name]} there, {value} here")
+    its meta. RNG states are restored only when the world size is the one that saved them."""
+    meta = read_meta(path)
     _read_payload(path, model, optimizer)
     rng_file = os.path.join(path, "rng", f"rank{_rank()}.pt")
     world = dist.get_world_size() if dist.is_initialized() else 1

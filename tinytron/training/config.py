@@ -98,6 +98,8 @@ class CheckpointConfig:
     save_every_steps: int = field(default=1000, metadata=_help("save every N steps (and at the end)"))
     resume_path: str = field(default="", metadata=_help("run folder or checkpoint folder to resume from (default: this run's newest)"))
     keep_last_n_checkpoints: int = field(default=0, metadata=_help("keep only the newest N checkpoints (0: keep all)"))
+    skip_data_steps: int = field(default=0, metadata=_help(
+        "when a branch starts (a fresh run or a new --resume_path): continue the data order N global batches further"))
     save_every_minutes: float = field(default=0.0, metadata=_help("also save when this many minutes passed since the last save (0: off)"))
 
 
@@ -147,6 +149,33 @@ class Config:
 
 class ConfigError(ValueError):
     """A bad flag or flag combination; the message is one line naming the flags."""
+
+
+# Model fields that may change on resume without changing any tensor shape or meaning; every
+# other model field, and these training fields, would change what a step or a sequence is.
+_RESUMABLE_MODEL_FIELDS = {"dropout", "block_size", "moe_aux_loss_coeff", "moe_z_loss_coeff"}
+_FIXED_TRAINING_FIELDS = {"seq_len", "total_batch_size", "seed"}
+
+
+def resume_changes(saved: dict, cfg: Config, source: str) -> list[str]:
+    """Compare the config a checkpoint was saved with (Config.to_dict()) with this run's.
+    A change that would corrupt the run (model shape, vocabulary, --seq_len, --total_batch_size,
+    --seed) raises ConfigError naming the flag and both values; -> "--flag old -> new" for each
+    other changed flag (the flags win: hyper-parameters, schedule, cadences, layout)."""
+    changes = []
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            if name not in saved.get(section, {}) or name == "resume_path":
+                continue
+            old = saved[section][name]
+            if (tuple(old) if isinstance(old, list) else old) == value:
+                continue
+            if (section == "model" and name not in _RESUMABLE_MODEL_FIELDS) or \
+                    (section == "training" and name in _FIXED_TRAINING_FIELDS):
+                raise ConfigError(f"--{name} {value} differs from {old} in the checkpoint {source}: "
+                                  f"it cannot change on resume")
+            changes.append(f"--{name} {old} -> {value}")
+    return changes
 
 
 def validate_config(cfg: Config, world_size: int) -> int:
@@ -200,7 +229,6 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--steps_to_profile {a} {b}: need 0 <= first <= last")
     if t.init_from_hf and not os.path.isdir(t.init_from_hf):
         raise ConfigError(f"--init_from_hf {t.init_from_hf} is not a folder")
-    rp = cfg.checkpoint.resume_path
-    if rp and not os.path.exists(rp):
-        raise ConfigError(f"--resume_path {rp} does not exist")
+    if cfg.checkpoint.skip_data_steps < 0:
+        raise ConfigError(f"--skip_data_steps {cfg.checkpoint.skip_data_steps} must be >= 0")
     return t.total_batch_size // tokens_per_micro_step

@@ -13,11 +13,13 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import traceback
 from contextlib import closing, nullcontext
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
@@ -33,7 +35,7 @@ from tinytron.model import GPT
 from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import abort
 from tinytron.training import checkpoint as ckpt
-from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.training.config import Config, ConfigError, resume_changes, validate_config
 from tinytron.training.metrics import MetricsLogger, check_sink_packages
 from tinytron.utils.model import count_parameters
 from tinytron.utils.profile import flops_per_token, mfu, peak_flops
@@ -87,9 +89,13 @@ class Trainer:
         self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
         self.step, self.skipped_steps, self.consecutive_skips = 0, 0, 0
         self._last_save_time = time.monotonic()
+        # Dropout: an independent stream per rank (DP replicas and SEP chunks draw different
+        # masks), seeded after the init so the weights are the same everywhere; resuming on the
+        # same world size restores each rank's stream.
+        torch.manual_seed(int(np.random.SeedSequence([t.seed, self.rank]).generate_state(1, np.uint64)[0]))
         self._resume()
         lg = config.logging
-        self.metrics = MetricsLogger(self.run_dir, config.to_dict(), is_main=self.is_main, resume_step=self.step,
+        self.metrics = MetricsLogger(self.run_dir, config.to_dict(), is_main=self.is_main, resume_step=self._rewind_to,
                                      tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
                                      wandb_run_name=lg.wandb_run_name, wandb_entity=lg.wandb_entity,
                                      wandb_id=self._wandb_id)
@@ -231,21 +237,45 @@ class Trainer:
         return os.path.join(self.run_dir, "checkpoints")
 
     def _resume(self) -> None:
-        """Continue from --resume_path, or else from this run's newest complete checkpoint."""
-        self._wandb_id = None
-        source = self.config.checkpoint.resume_path or self.run_dir
-        path = ckpt.find_latest(source)
-        if path is None:
-            if self.config.checkpoint.resume_path:
-                raise ConfigError(f"--resume_path {source} holds no complete checkpoint")
-            self._write_run_files(rewind_to=0)  # a fresh start: drop what an aborted attempt logged
-            return
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, self.config.model)
+        """Choose the checkpoint to resume (rank 0 decides, every rank gets its choice), load it
+        (falling back to the previous complete one when unreadable, unless --resume_path named
+        it), and continue its branch or start a new one: see checkpoint.plan_resume. A new branch
+        moves the checkpoints it abandons aside and rewinds the logs to its first step."""
+        c = self.config.checkpoint
+        plan, new_id = self._on_rank0(lambda: (ckpt.plan_resume(self.run_dir, c.resume_path, c.skip_data_steps),
+                                               ckpt.new_branch_id()))
+        # The optimizer's hyper-parameters as the flags set them; loading its state replaces them.
+        from_flags = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        for path, new_branch in plan:
+            meta = self._load_agreed(path, explicit=new_branch and bool(c.resume_path))
+            if meta is not None:
+                break
+        else:
+            if plan:
+                raise ckpt.CheckpointError(f"no complete checkpoint in {self.checkpoint_root} can be read")
+            path, new_branch, meta = None, True, {"step": 0}  # a fresh start
+        for group, values in zip(self.optimizer.param_groups, from_flags):
+            group.update(values)
         self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
         self._wandb_id = meta.get("wandb_id")
-        self._write_run_files(rewind_to=self.step)
-        if self.is_main:
-            print(f"[tinytron] resumed from {path} at step {self.step}", flush=True)
+        self.branch = meta.get("branch", {"id": "", "resume_path": "", "skip_data_steps": 0, "start_step": 0})
+        self.data_offset = meta.get("data_offset", 0)
+        if new_branch:
+            key = ckpt.branch_key(c.resume_path, self.run_dir) or self.branch["resume_path"]
+            self.branch = {"id": new_id, "resume_path": key, "skip_data_steps": c.skip_data_steps,
+                           "start_step": self.step}
+            self.data_offset += c.skip_data_steps
+        # Rewind the logs to the step resumed; to 0 for a fresh start (drop what an aborted attempt
+        # logged) or another run's checkpoint (nothing before its step is this run's).
+        self._rewind_to = self.step if path and ckpt.is_inside(path, self.run_dir) else 0
+        if self.is_main and path:
+            later = ckpt.superseded(self.checkpoint_root, path)
+            if later:
+                dest = ckpt.move_aside(self.checkpoint_root, later, new_id)
+                print(f"[tinytron] moved {len(later)} checkpoint(s) of the abandoned branch to {dest}", flush=True)
+            print(f"[tinytron] resumed from {path} at step {self.step} (data step {self.step + self.data_offset}"
+                  f"{', new branch' if new_branch else ''})", flush=True)
+        self._write_run_files(rewind_to=self._rewind_to)
 
     def _write_run_files(self, rewind_to: int) -> None:
         """config.json, and log.txt rewound to `rewind_to` so resumed steps are not logged twice."""
@@ -261,13 +291,68 @@ class Trainer:
                 f.writelines(kept)
             os.replace(log + ".tmp", log)
 
+    def _on_rank0(self, fn):
+        """fn() on rank 0 only, its result sent to every rank; a checkpoint, config or file-system
+        error on rank 0 is raised on every rank (none waits for a broadcast that never comes)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except (ConfigError, ckpt.CheckpointError, OSError) as e:
+                error = str(e)
+        if dist.is_initialized():
+            box = [result, error]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        return result
+
+    def _first_error(self, error: str | None) -> str | None:
+        """The first rank's error of a step every rank did, or None: so all ranks act alike."""
+        if not dist.is_initialized():
+            return error
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e is not None), None)
+
+    def _load_agreed(self, path: str, explicit: bool) -> dict | None:
+        """Load checkpoint `path` on every rank; -> its meta, or None (a warning) when some rank
+        cannot read it. explicit (--resume_path named it): an unreadable checkpoint is an error.
+        A config that may not change is an error either way."""
+        meta = error = None
+        try:
+            meta = ckpt.read_meta(path)
+        except ckpt.CheckpointError as e:
+            error = str(e)
+        error = self._first_error(error)
+        if error is None:
+            changes = resume_changes(meta.get("config", {}), self.config, path)
+            try:
+                ckpt.load_checkpoint(path, self.model, self.optimizer)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+            error = self._first_error(error)
+        if error is None:
+            if self.is_main:
+                for change in changes:
+                    print(f"resume: {change}", flush=True)
+            return meta
+        if explicit:
+            raise ckpt.CheckpointError(error)
+        if self.is_main:
+            print(f"warning: {error}; falling back to the previous complete checkpoint", file=sys.stderr, flush=True)
+        return None
+
     def save(self) -> None:
         """Write checkpoint `self.step` (collective)."""
         self.optimizer.finish_param_gather()
+        data_step = self.step + self.data_offset
         meta = {"step": self.step, "skipped_steps": self.skipped_steps,
                 "tokens_seen": self.step * self.config.training.total_batch_size,
-                "data_position": {"epoch": self.step // self.steps_per_epoch,
-                                  "step_in_epoch": self.step % self.steps_per_epoch},
+                "data_offset": self.data_offset, "branch": self.branch,
+                "data_position": {"epoch": data_step // self.steps_per_epoch,
+                                  "step_in_epoch": data_step % self.steps_per_epoch},
                 "world_size": self.world_size, "sep_size": ps.get_sep_size(), "wandb_id": self.metrics.wandb_id,
                 "config": self.config.to_dict()}
         ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
@@ -381,7 +466,8 @@ class Trainer:
         SIGTERM, so the interpreter's exit would wait on them forever)."""
         t = self.config.training
         sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_seqs, t.batch_size,
-                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed, start_step=self.step,
+                                     ps.get_dp_rank(), ps.get_dp_size(), t.seed,
+                                     start_step=self.step + self.data_offset,  # --skip_data_steps
                                      blend=getattr(self.train_dataset, "blend", None))
         workers = self.config.data.num_workers
         # A private generator: creating the iterator draws a seed from it, which from the global
