@@ -1,8 +1,10 @@
 """DistributedOptimizer (ZeRO-1 and its shard=False data-parallel path) against ONE process running
 plain torch.optim.AdamW (torch.nn.utils.clip_grad_norm_) on the same global batch.
 
-The toy model has dense params (a square weight shared by two modules, a bias, a gain: 33
-elements, divisible by neither 2 nor 4) and stacked experts marked `is_expert`. The world is
+The toy model has dense params (a square weight shared by two modules, a bias, a gain, and `skip`
+that only some ranks' tokens use in some micro-steps, so it has no grad on some ranks, in some
+last micro-steps, or in whole steps: 38 elements, divisible by neither 2 nor 4) and stacked experts
+marked `is_expert`. The world is
 dp x sep (tinytron's parallel_state); SEP rank s holds experts [s*E/sep, (s+1)*E/sep). Rank
 (d, s) takes, from each micro-batch, the tokens of DP part d routed to its experts, with loss
 sum(token losses) * dp / (accum * tokens): the reduction (SUM over the world for dense params, over
@@ -12,7 +14,9 @@ Tolerance: 1e-6 relative (norm-wise) across layouts. The only differences from t
 fp32 summation orders (per-rank partial sums, the grad norm over shards instead of per tensor):
 ~1e-7 relative on grads, which Adam's normalised update carries through 10 steps at lr <= 1e-2
 (observed: <= 4e-8 on params, <= 1e-7 on grad norms). Resumed runs at the same layout must be
-bitwise equal. Two spawned runs (world 2, world 4) serve all tests, through module fixtures.
+bitwise equal, and so must runs with and without overlapped communication (the same collectives
+on the same buffers, only launched earlier). Two spawned runs (world 2, world 4) serve all tests,
+through module fixtures.
 """
 
 import os
@@ -42,12 +46,16 @@ class Toy(nn.Module):
         self.out = nn.Linear(D, D, bias=False)
         self.out.weight = self.inp.weight           # tied: must appear once in the buffers
         self.gain = nn.Parameter(torch.ones(3))
+        self.skip = nn.Parameter(torch.zeros(D))
         self.experts = nn.Parameter(torch.empty(num_local_experts, D, D))
         self.experts.is_expert = True
 
-    def token_losses(self, x, y, expert):
-        """x, y: [M, D]; expert: [M] local expert index -> [M] squared errors."""
+    def forward(self, x, y, expert, skip):
+        """x, y: [M, D]; expert: [M] local expert index; skip: [M] bool, the tokens that add
+        self.skip (unused, no grad, when none does) -> [M] squared errors."""
         z = torch.einsum("md,mde->me", torch.tanh(self.inp(x)), self.experts[expert])
+        if skip.any():
+            z = z + self.skip * skip[:, None]
         return (self.out(z) * self.gain.sum() - y).square().sum(-1)
 
 
@@ -56,7 +64,8 @@ def global_params() -> dict[str, torch.Tensor]:
     return {"inp.weight": torch.randn(D, D, generator=g) * 0.5,
             "inp.bias": torch.randn(D, generator=g) * 0.5,
             "gain": 1 + 0.1 * torch.randn(3, generator=g),
-            "experts": torch.randn(NUM_EXPERTS, D, D, generator=g) * 0.5}
+            "experts": torch.randn(NUM_EXPERTS, D, D, generator=g) * 0.5,
+            "skip": 0.1 * torch.randn(D, generator=g)}
 
 
 def local_model(params: dict[str, torch.Tensor], sep_rank: int, sep: int) -> Toy:
@@ -81,7 +90,8 @@ def global_of(model: Toy, sep_group) -> dict[str, torch.Tensor]:
 
 def make_optimizer(model: Toy, kind: str = "adamw") -> torch.optim.Optimizer:
     groups = [{"params": [model.inp.weight, model.experts], "weight_decay": 0.1, "lr": LRS[0]},
-              {"params": [model.inp.bias, model.gain], "weight_decay": 0.0, "lr": LRS[1]}]
+              {"params": [model.inp.bias, model.gain, model.skip], "weight_decay": 0.0,
+               "lr": LRS[1]}]
     if kind == "sgd":
         return torch.optim.SGD(groups, momentum=0.9)
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
@@ -105,7 +115,9 @@ def micro_loss(model: Toy, step, micro, accum, dp_rank=0, dp=1, sep_rank=0, sep=
     per_rank = NUM_EXPERTS // sep
     part = torch.arange(TOKENS).chunk(dp)[dp_rank]
     idx = part[expert[part] // per_rank == sep_rank]
-    losses = model.token_losses(x[idx], y[idx], expert[idx] - sep_rank * per_rank)
+    # Expert 0's tokens (all on SEP rank 0) add `skip`, in the first micro-step of even steps.
+    skip = (expert[idx] == 0) & (micro == 0 and step % 2 == 0)
+    losses = model(x[idx], y[idx], expert[idx] - sep_rank * per_rank, skip)
     return losses.sum() * (dp / (accum * TOKENS))
 
 
@@ -118,7 +130,7 @@ def reference(steps: int, accum: int, max_norm: float, kind: str = "adamw",
     norms = []
     for step in range(steps):
         set_lr(opt.param_groups, step)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)   # a missing grad is zero, as in the flat buffers
         for micro in range(accum):
             micro_loss(model, step, micro, accum).backward()
         if max_norm > 0:
@@ -127,14 +139,15 @@ def reference(steps: int, accum: int, max_norm: float, kind: str = "adamw",
     return {n: p.detach().clone() for n, p in model.named_parameters()}, norms, opt, model
 
 
-def wrap(model, opt, state, shard=True, bucket_size_mb=40.0):
+def wrap(model, opt, state, shard=True, bucket_size_mb=40.0, overlap=True):
     """The trainer's wiring: dense over the world, experts over DP, grads averaged over DP."""
     return DistributedOptimizer(
         opt, dist.group.WORLD if state else None,
         expert_process_group=state.dp_group if state else None,
         expert_parallel_group=state.sep_group if state else None,
         grad_scale=1 / state.dp_size if state else None, shard=shard,
-        bucket_size_mb=bucket_size_mb, param_names=model.named_parameters())
+        bucket_size_mb=bucket_size_mb, param_names=model.named_parameters(), model=model,
+        overlap_grad_reduce=overlap, overlap_param_gather=overlap)
 
 
 def train(model, zero, state, steps, accum, max_norm):
@@ -146,11 +159,14 @@ def train(model, zero, state, steps, accum, max_norm):
         set_lr(zero.param_groups, step)
         zero.zero_grad()
         for micro in range(accum):
-            micro_loss(model, step, micro, accum, dp_rank, dp, sep_rank, sep).backward()
+            loss = micro_loss(model, step, micro, accum, dp_rank, dp, sep_rank, sep)
+            with zero.micro_step(last=micro == accum - 1):
+                loss.backward()
         zero.reduce_gradients()
         if max_norm > 0:
             norms.append(zero.clip_grad_norm(max_norm))
         zero.step()
+    zero.finish_param_gather()
     return norms
 
 
@@ -167,19 +183,22 @@ def assert_params_close(got: dict, want: dict, tol: float = 1e-6) -> None:
 # ---- parity ------------------------------------------------------------------------------------
 
 def parity_runs(with_sgd: bool) -> dict:
-    """Every layout (sep 1 and 2) x shard x config, 10 steps each: final global params, grad
-    norms and optimizer state bytes of this rank."""
+    """Every layout (sep 1 and 2) x shard x config x overlap on/off, 10 steps each: final global
+    params, grad norms and optimizer state bytes of this rank."""
     results = {}
     for sep in (1, 2):
         state = initialize_parallel_state(sep)
         for shard in (True, False):
             for ci, cfg in enumerate(CONFIGS):
-                model = local_model(global_params(), state.sep_rank, sep)
-                zero = wrap(model, make_optimizer(model), state, shard, cfg["bucket_size_mb"])
-                norms = train(model, zero, state, range(STEPS), cfg["accum"], cfg["max_norm"])
-                state_bytes = sum(v.nbytes for st in zero.optimizer.state.values()
-                                  for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
-                results[sep, shard, ci] = (global_of(model, state.sep_group), norms, state_bytes)
+                for overlap in (True, False):
+                    model = local_model(global_params(), state.sep_rank, sep)
+                    zero = wrap(model, make_optimizer(model), state, shard, cfg["bucket_size_mb"],
+                                overlap)
+                    norms = train(model, zero, state, range(STEPS), cfg["accum"], cfg["max_norm"])
+                    state_bytes = sum(v.nbytes for st in zero.optimizer.state.values()
+                                      for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+                    results[sep, shard, ci, overlap] = (global_of(model, state.sep_group), norms,
+                                                        state_bytes)
         if with_sgd:   # any element-wise torch optimizer, not only AdamW
             model = local_model(global_params(), state.sep_rank, sep)
             zero = wrap(model, make_optimizer(model, "sgd"), state)
@@ -199,7 +218,12 @@ def test_parity_with_single_process_adamw(world, request):
         for sep in (1, 2):
             for shard in (True, False):
                 for rank, res in enumerate(per_rank):
-                    got, norms, state_bytes = res[sep, shard, ci]
+                    got, norms, state_bytes = res[sep, shard, ci, True]
+                    # Overlap off: bitwise the same params and grad norms.
+                    off, off_norms, _ = res[sep, shard, ci, False]
+                    for name in want:
+                        assert torch.equal(got[name], off[name]), (sep, shard, ci, name)
+                    assert all(torch.equal(a, b) for a, b in zip(norms, off_norms))
                     assert_params_close(got, want)
                     assert len(norms) == len(want_norms)
                     for n, w in zip(norms, want_norms):

@@ -39,14 +39,16 @@ GiB = 2**30
 MODES = ("none", "selective", "full")
 
 
-def _optimizer_order(cfg: Config, trainer_cls=Trainer) -> list[torch.nn.Parameter]:
-    """The parameters of GPT(cfg.model), built on the meta device (no memory), in the order the
-    trainer's `_init_optimizer` lists them (which decides the flat-buffer layout)."""
+def _buffer_order(cfg: Config, trainer_cls=Trainer) -> list[torch.nn.Parameter]:
+    """The parameters of GPT(cfg.model), built on the meta device (no memory), that the
+    trainer's `_init_optimizer` lists, in flat-buffer order: DistributedOptimizer packs them in
+    reverse model order."""
     with torch.device("meta"):
         model = GPT(cfg.model)
     fake = types.SimpleNamespace(model=model, config=cfg, device=torch.device("meta"))
     optimizer = trainer_cls._init_optimizer(fake)
-    return list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
+    listed = {p for g in optimizer.param_groups for p in g["params"]}
+    return [p for p in reversed(list(model.parameters())) if p in listed]
 
 
 def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) -> list[dict]:
@@ -59,7 +61,7 @@ def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) 
     a whole param without)."""
     sep = cfg.parallel.sep_size
     ep = sep if cfg.model.use_moe else 1
-    order = _optimizer_order(cfg, trainer_cls)
+    order = _buffer_order(cfg, trainer_cls)
     bucket_bytes = inspect.signature(DistributedOptimizer).parameters["bucket_size_mb"].default * 2**20
     out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
     for is_expert, size in ((False, world_size), (True, world_size // sep)):

@@ -77,6 +77,8 @@ class DataConfig:
 class ParallelConfig:
     sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size"))
     dist_timeout_minutes: float = field(default=30.0, metadata=_help("a collective waiting longer than this ends the job"))
+    overlap_grad_reduce: bool = field(default=True, metadata=_help("reduce each grad bucket during the last backward"))
+    overlap_param_gather: bool = field(default=True, metadata=_help("all-gather ZeRO-1 params during the next forward"))
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,9 @@ class Trainer:
             expert_process_group=ps.get_dp_group(), expert_parallel_group=ps.get_ep_group(),
             grad_scale=1.0 / ps.get_dp_size(),
             shard=config.optim.use_distributed_optimizer,
-            param_names={p: n for n, p in self.model.named_parameters()})
+            param_names={p: n for n, p in self.model.named_parameters()}, model=self.model,
+            overlap_grad_reduce=config.parallel.overlap_grad_reduce,
+            overlap_param_gather=config.parallel.overlap_param_gather)
         self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {len(self.train_dataset)} sequences, fewer than one global "
@@ -344,6 +346,7 @@ class Trainer:
 
     def save(self) -> None:
         """Write checkpoint `self.step` (collective)."""
+        self.optimizer.finish_param_gather()
         data_step = self.step + self.data_offset
         meta = {"step": self.step, "skipped_steps": self.skipped_steps,
                 "tokens_seen": self.step * self.config.training.total_batch_size,
@@ -393,9 +396,10 @@ class Trainer:
         self.optimizer.zero_grad()
         acc = torch.zeros(2, device=self.device)
         load = None  # tokens per expert per MoE layer, summed over micro-steps: [layers, experts]
-        for _ in range(self.grad_accum_steps):
+        for micro in range(self.grad_accum_steps):
             lm, aux = self._forward_loss(next(batches))
-            ((lm + aux) / self.grad_accum_steps).backward()
+            with self.optimizer.micro_step(last=micro == self.grad_accum_steps - 1):
+                ((lm + aux) / self.grad_accum_steps).backward()
             acc += torch.stack((lm.detach(), aux.detach()))
             if self.config.logging.log_expert_load:
                 step_load = torch.stack([m.expert_load for m in self.model.modules()
@@ -434,6 +438,7 @@ class Trainer:
         --val_max_tokens tokens (`validation_indices`): each DP rank takes every dp_size-th
         sequence of it; loss sums and token counts are all-reduced, so the value does not depend
         on the layout. The same all-reduce shares the stop signals received meanwhile."""
+        self.optimizer.finish_param_gather()
         self.model.eval()
         t = self.config.training
         scored = validation_indices(len(self.val_dataset), t.val_max_tokens // t.seq_len)
@@ -513,6 +518,7 @@ class Trainer:
                     break
             if profiler is not None:  # the run ended inside the profiled range
                 self._finish_profile(profiler)
+        self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.metrics.close()
 
     def _stopped(self) -> None:
@@ -541,6 +547,7 @@ class Trainer:
         self.metrics.log(step, record)
 
     def _finish_profile(self, profiler) -> None:
+        self.optimizer.finish_param_gather()   # no collective still recording into the trace
         profiler.__exit__(None, None, None)
         profiler.export_chrome_trace(os.path.join(self.run_dir, "rank0_trace.json"))
 

@@ -10,6 +10,17 @@ One optimizer step, N = size of the group a parameter is reduced over:
     step               the wrapped optimizer updates only this rank's shard of the params
                        (its state exists only for that shard), then all-gather each bucket
 
+Overlap (both on by default; the same collectives on the same buffers, only launched earlier, so
+the numbers are bitwise those of the non-overlapped path):
+  overlap_grad_reduce   inside `with micro_step(last=True)`, the last micro-step's backward, a
+                        post-accumulate-grad hook launches each bucket's reduce-scatter as soon as
+                        every grad in it is final; reduce_gradients only waits for them.
+  overlap_param_gather  step() launches the all-gathers without waiting; a forward pre-hook on
+                        each top-level block of `model` waits for the buckets holding its params
+                        just before it runs; finish_param_gather() waits for all of them.
+Buckets are packed in reverse model order (the order backward finishes grads) and launched in one
+fixed order, the same on every rank, so each process group sees its collectives in the same order.
+
 A reduce-scatter plus an all-gather move the same bytes as the all-reduce of plain data
 parallelism, so sharding the state costs no extra communication. With shard=False the same
 buffers are all-reduced and every rank steps every parameter (plain data parallelism, no torch
@@ -26,7 +37,9 @@ gradient and state alone (AdamW, SGD, Adam, Lion...): it is handed 1-D shard pie
 that need a parameter's shape (Muon, Shampoo, Adafactor) must use shard=False.
 """
 
+import contextlib
 import copy
+import functools
 import os
 
 import torch
@@ -36,7 +49,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tinytron.distributed.sharded_checkpoint import (Chunk, load_state, read_full_state,
                                                      read_metadata, save_state)
-from tinytron.distributed.zero1.grad_buffer import FlatBuffer, all_gather, group_rank, group_size
+from tinytron.distributed.zero1.grad_buffer import (FlatBuffer, Pending, all_gather, group_rank,
+                                                    group_size)
 
 CHECKPOINT_FILE = "optimizer.pt"   # the older format: the full state, gathered (see load())
 
@@ -59,8 +73,15 @@ class DistributedOptimizer:
         shard: False = plain data parallelism (all-reduce, full optimizer state on every rank).
         bucket_size_mb: most bytes per collective (a bigger parameter gets a bucket of its own).
         param_names: {param: name} or an iterable of (name, param) such as
-            model.named_parameters(); names key the saved state. Default: the optimizer's own
-            'param_names', else "<group>.<index>".
+            model.named_parameters(); names key the saved state, and their order is taken as the
+            model's (buckets are packed in reverse). Default: the optimizer's own 'param_names',
+            else "<group>.<index>".
+        model: the module whose forward uses the params; needed to overlap the param all-gather
+            (forward pre-hooks on its top-level blocks: its children, ModuleLists expanded, and
+            itself for its own params). A block must not use another block's params before that
+            block has run. None: step() waits for its all-gathers.
+        overlap_grad_reduce, overlap_param_gather: see the module docstring; False launches each
+            collective only when reduce_gradients / step is called and waits for it there.
 
     Construction is collective over process_group. Construct after the model is on its final
     device and dtype: the model's params become views into the flat buffers.
@@ -69,7 +90,8 @@ class DistributedOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, process_group=None, *,
                  expert_process_group=None, expert_parallel_group=None,
                  grad_scale: float | None = None, shard: bool = True,
-                 bucket_size_mb: float = 40.0, param_names=None):
+                 bucket_size_mb: float = 40.0, param_names=None, model: nn.Module | None = None,
+                 overlap_grad_reduce: bool = True, overlap_param_gather: bool = True):
         if process_group is None and (expert_process_group is not None
                                       or expert_parallel_group is not None):
             raise ValueError("expert process groups were given without a process_group")
@@ -99,6 +121,9 @@ class DistributedOptimizer:
                                  "named parameters")
             if not p.requires_grad:
                 raise ValueError(f"optimizer parameter {self._names[p]} has requires_grad=False")
+        # Reverse model order: backward finishes the last layers' grads first.
+        self._backward_rank = {p: -i for i, p in enumerate(self._names)}
+        params.sort(key=self._backward_rank.get)
         self._check_same_layout(params, shard, bucket_size_mb)
 
         self._buffers: list[FlatBuffer] = []
@@ -140,6 +165,33 @@ class DistributedOptimizer:
             if "param_names" in group:
                 group["param_names"] = [self._names[self._owner[q][0]] for q in stepped]
         optimizer.state.clear()
+        self._init_overlap(model, overlap_grad_reduce, overlap_param_gather)
+
+    def _init_overlap(self, model, overlap_grad_reduce: bool, overlap_param_gather: bool) -> None:
+        """The launch order of the buckets of all buffers (slots), and the hooks that launch and
+        wait for their collectives."""
+        # A bucket's grads are final when its last-packed param's are (packing is reverse model
+        # order): launching in that order sends the first ready first, the same order on every rank.
+        self._slots = sorted(((buf, b) for buf in self._buffers for b in range(len(buf.buckets))),
+                             key=lambda s: self._backward_rank[s[0].bucket_params[s[1]][-1]])
+        self._slot_of = {p: i for i, (buf, b) in enumerate(self._slots)
+                         for p in buf.bucket_params[b]}
+        self._reducing: list[Pending] = []   # launched reductions, slot order
+        self._unready: list[set] = []        # per slot: params whose grads are not final yet
+        self._armed = False                  # inside the last micro-step's backward
+        self._gathering: dict[int, object] = {}   # slot -> its all-gather's Work, in flight
+        self._overlap_grad = overlap_grad_reduce and any(buf.size > 1 for buf in self._buffers)
+        if self._overlap_grad:
+            for p in self._slot_of:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self._overlap_param = (overlap_param_gather and model is not None
+                               and any(buf.sharded for buf in self._buffers))
+        if self._overlap_param:
+            for block, block_params in _blocks(model):
+                slots = sorted({self._slot_of[p] for p in block_params if p in self._slot_of})
+                if slots:
+                    block.register_forward_pre_hook(functools.partial(self._wait_for_gathers,
+                                                                      slots))
 
     def _check_same_layout(self, params, shard, bucket_size_mb) -> None:
         """Every rank of process_group must build the same buffers, or the bucket collectives
@@ -166,12 +218,52 @@ class DistributedOptimizer:
         for buf in self._buffers:
             buf.zero_grad()
 
+    @contextlib.contextmanager
+    def micro_step(self, last: bool):
+        """Wrap each micro-step's backward. In the last one (last=True, with overlap_grad_reduce)
+        each bucket's reduction is launched as soon as every grad in it is final (and every
+        bucket before it in the launch order has been launched); buckets still waiting when the
+        backward returns (a param that got no grad in it) are launched then. Earlier micro-steps
+        launch nothing: their grads are not final."""
+        if not (last and self._overlap_grad):
+            yield
+            return
+        self._unready = [set(buf.bucket_params[b]) for buf, b in self._slots]
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+        self._launch_reductions(len(self._slots))
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        """Post-accumulate-grad hook: p's grad of this backward is accumulated."""
+        if not self._armed:
+            return
+        slot = self._slot_of[p]
+        if slot < len(self._reducing):
+            raise RuntimeError(f"the grad of {self._names[p]} was accumulated after its bucket's "
+                               "reduction was launched: run one backward per micro_step()")
+        self._unready[slot].discard(p)
+        ready = len(self._reducing)
+        while ready < len(self._slots) and not self._unready[ready]:
+            ready += 1
+        self._launch_reductions(ready)
+
+    def _launch_reductions(self, until: int) -> None:
+        """Launch the reductions of the slots not launched yet, up to slot `until` (excluded)."""
+        for buf, b in self._slots[len(self._reducing):until]:
+            self._reducing.append(buf.start_grad_reduce(b, self.grad_scale))
+
     def reduce_gradients(self) -> None:
         """Once per optimizer step, after the last micro-step's backward: sum grads over each
-        buffer's group (reduce-scatter, or all-reduce when not sharded), times grad_scale. After
-        it, only this rank's shard of a sharded buffer's grads is meaningful."""
-        for buf in self._buffers:
-            buf.reduce_gradients(self.grad_scale)
+        buffer's group (reduce-scatter, or all-reduce when not sharded), times grad_scale. Waits
+        for the reductions launched during the backward and launches the others. After it, only
+        this rank's shard of a sharded buffer's grads is meaningful."""
+        self._launch_reductions(len(self._slots))
+        for pending in self._reducing:
+            pending.wait()
+        self._reducing = []
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """After reduce_gradients. Returns the global L2 norm of the reduced grads (before
@@ -199,10 +291,32 @@ class DistributedOptimizer:
         return norm
 
     def step(self) -> None:
-        """Update this rank's shard (or all params when not sharded), then all-gather the params."""
+        """Update this rank's shard (or all params when not sharded), then all-gather the params:
+        launched in forward order (the reverse of the reduction order), waited for by the next
+        forward's block pre-hooks with overlap_param_gather, else here."""
+        self.finish_param_gather()   # an unused param's gather may still read the shard we update
         self.optimizer.step()
-        for buf in self._buffers:
-            buf.all_gather_params()
+        for slot in reversed(range(len(self._slots))):
+            buf, b = self._slots[slot]
+            work = buf.start_param_gather(b)
+            if work is not None:
+                self._gathering[slot] = work
+        if not self._overlap_param:
+            self.finish_param_gather()
+
+    def finish_param_gather(self) -> None:
+        """Wait for every param all-gather in flight. Call before reading the params other than
+        in a forward of `model` (a checkpoint save, an evaluation, an export)."""
+        self._wait_for_gathers(sorted(self._gathering))
+
+    @torch.compiler.disable   # a compiled block runs its pre-hooks: keep this wait out of graphs
+    def _wait_for_gathers(self, slots: list[int], module=None, args=None) -> None:
+        """Wait for the all-gathers of `slots` still in flight (also a forward pre-hook)."""
+        if self._gathering:
+            for slot in slots:
+                work = self._gathering.pop(slot, None)
+                if work is not None:
+                    work.wait()
 
     # ---- Layout-independent state -------------------------------------------------------------
     #
@@ -452,6 +566,20 @@ def _split_key(dcp_key: str) -> tuple[str, str, str]:
     kind, _, rest = dcp_key.partition("/")
     name, _, key = rest.rpartition("/")
     return kind, name, key
+
+
+def _blocks(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """(block, the params it holds, its submodules' included) for each top-level block of model:
+    its children, ModuleList/ModuleDict containers (they have no forward) expanded; and (model,
+    its own params)."""
+    blocks, todo = [(model, list(model.parameters(recurse=False)))], list(model.children())
+    while todo:
+        module = todo.pop(0)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            todo[:0] = module.children()
+        else:
+            blocks.append((module, list(module.parameters())))
+    return blocks
 
 
 def _per_element(value, stepped: nn.Parameter) -> bool:

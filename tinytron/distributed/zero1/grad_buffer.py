@@ -11,7 +11,8 @@ Each model parameter becomes a view into `param_data` (`p.data = param_data[o:o+
 and its `.grad` a view into `grad_data`, so autograd accumulates micro-step gradients in place
 (no copy, gradient accumulation for free). A parameter never spans two buckets, but may span two
 shards. Buckets bound the size of one collective (NCCL pipelines them; large messages are where
-bandwidth is reached). Collectives are issued per bucket, never per parameter.
+bandwidth is reached). Collectives are issued per bucket, never per parameter, asynchronously:
+the DistributedOptimizer decides when each is launched and waited for.
 """
 
 import torch
@@ -29,9 +30,24 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:
-    """output[:] = sum over the ranks of `group` of their chunk `rank` of `input`
-    (input: [N * k], output: [k]; output may be this rank's chunk of input).
+class Pending:
+    """A collective launched with async_op=True (`work`; None: nothing to wait for) and the local
+    steps that complete it. wait() blocks the host on gloo; on NCCL it only makes the current
+    stream wait for the collective (no host sync)."""
+
+    def __init__(self, work=None, *then):
+        self.work, self.then = work, list(then)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        for fn in self.then:
+            fn()
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> Pending:
+    """Launch output[:] = sum over the ranks of `group` of their chunk `rank` of `input`
+    (input: [N * k], output: [k]; output may be this rank's chunk of input); complete with wait().
 
     NCCL: the native op. gloo (CPU) has the op too, but it is slower than an all-reduce of the same
     buffer (torch 2.13, world 2, 19 MiB: 31 ms vs 20 ms); an all-to-all then a local sum moves
@@ -39,18 +55,17 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:
     """
     if dist.get_backend(group) == "gloo":
         chunks = torch.empty_like(input).view(dist.get_world_size(group), -1)
-        dist.all_to_all_single(chunks, input, group=group)
-        torch.sum(chunks, dim=0, out=output)
-    else:
-        op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        op(output, input, group=group)   # torch 2.13 renamed reduce_scatter_tensor
+        work = dist.all_to_all_single(chunks, input, group=group, async_op=True)
+        return Pending(work, lambda: torch.sum(chunks, dim=0, out=output))
+    op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return Pending(op(output, input, group=group, async_op=True))   # torch 2.13 renamed it
 
 
-def all_gather(output: torch.Tensor, input: torch.Tensor, group) -> None:
+def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
     """output ([N * k]) = concatenation over ranks, in rank order, of input ([k]). In place
-    when input is this rank's chunk of output."""
+    when input is this rank's chunk of output. async_op: returns the Work to wait() for."""
     op = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    op(output, input, group=group)   # torch 2.13 renamed all_gather_into_tensor
+    return op(output, input, group=group, async_op=async_op)   # torch 2.13 renamed it
 
 
 def bucket_layout(numels: list[int], bucket_numel: int, size: int
@@ -146,30 +161,32 @@ class FlatBuffer:
     def zero_grad(self) -> None:
         self.grad_data.zero_()
 
-    def reduce_gradients(self, scale: float) -> None:
-        """Sum the grads over the group (reduce-scatter into this rank's shard, or all-reduce),
-        then multiply the reduced grads by `scale`. One collective per bucket (on NCCL, queued
-        on its stream: no host sync)."""
-        for p, g in self._grads.items():
-            if p.grad is not g:
+    def start_grad_reduce(self, b: int, scale: float) -> Pending:
+        """Launch the sum of bucket b's grads over the group (reduce-scatter into this rank's
+        shard, or all-reduce); wait() completes it and multiplies the reduced grads by `scale`.
+        One collective per bucket, on NCCL queued on its stream (no host sync)."""
+        for p in self.bucket_params[b]:
+            if p.grad is not self._grads[p]:
                 raise RuntimeError("a parameter's .grad is no longer its view into the flat grad "
                                    "buffer (model.zero_grad() sets it to None); zero grads with "
                                    "the DistributedOptimizer's zero_grad()")
-        if self.size > 1:
-            for b in self.buckets:
-                full = self.grad_data[b[0]:b[1]]
-                if self.sharded:
-                    reduce_scatter(self.grad_data[slice(*self.shard_range(b))], full, self.group)
-                else:
-                    dist.all_reduce(full, group=self.group)
+        full = self.grad_data[slice(*self.buckets[b])]
+        reduced = self.grad_data[slice(*self.shard_range(self.buckets[b]))] if self.sharded else full
+        if self.size == 1:
+            pending = Pending()
+        elif self.sharded:
+            pending = reduce_scatter(reduced, full, self.group)
+        else:
+            pending = Pending(dist.all_reduce(full, group=self.group, async_op=True))
         if scale != 1.0:
-            for g in self.step_grad_views():
-                g.mul_(scale)
+            pending.then.append(lambda: reduced.mul_(scale))
+        return pending
 
-    def all_gather_params(self) -> None:
-        """After the optimizer updated this rank's shards: give every rank every bucket."""
+    def start_param_gather(self, b: int):
+        """After the optimizer updated this rank's shard of bucket b: launch the in-place
+        all-gather that gives every rank the whole bucket. Returns its Work (None if unsharded)."""
         if not self.sharded:
-            return
-        for b in self.buckets:
-            all_gather(self.param_data[b[0]:b[1]], self.param_data[slice(*self.shard_range(b))],
-                       self.group)
+            return None
+        return all_gather(self.param_data[slice(*self.buckets[b])],
+                          self.param_data[slice(*self.shard_range(self.buckets[b]))], self.group,
+                          async_op=True)
