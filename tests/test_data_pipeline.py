@@ -171,13 +171,14 @@ def test_dtype_and_missing_eos(tmp_path):
 
 
 def test_vocab_check_and_workers(tmp_path, docs):
-    path = prepare_token_shards(str(_write_jsonl(tmp_path / "c.jsonl", docs)), str(TOKENIZER),
-                                tmp_path / "cache")
-    ds = TokenWindowDataset(path, 128)
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", docs))
     with pytest.raises(ValueError, match=r"^--vocab_size 64 is smaller than the tokenizer's vocabulary 4096"):
-        ds.check_vocab(64)
-    ds.check_vocab(4096)
-    ds.check_vocab(4224)  # padded model vocabulary is fine
+        prepare_token_shards(corpus, str(TOKENIZER), tmp_path / "cache", vocab_size=64)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # before any tokenizing
+    path = prepare_token_shards(corpus, str(TOKENIZER), tmp_path / "cache", vocab_size=4096)
+    # A padded model vocabulary is fine (GPT-2's 50257 rounded up to 50304), and the cache is reused.
+    assert prepare_token_shards(corpus, str(TOKENIZER), tmp_path / "cache", vocab_size=4224) == path
+    ds = TokenWindowDataset(path, 128)
     with pytest.raises(ValueError, match="--seq_len"):
         TokenWindowDataset(path, 10**6, "val")
 

@@ -43,13 +43,6 @@ class TokenWindowDataset(Dataset):
                              f"{seq_len} + 1 (lower --seq_len, or raise --val_fraction for val)")
         self._tokens = None
 
-    def check_vocab(self, model_vocab_size: int) -> None:
-        """Raise ValueError if the model's vocabulary cannot embed every token id. A larger model
-        vocabulary is fine (padding rows, e.g. GPT-2's 50257 rounded up to 50304)."""
-        if model_vocab_size < self.vocab_size:
-            raise ValueError(f"--vocab_size {model_vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary {self.vocab_size} ({self.tokenizer})")
-
     def __len__(self) -> int:
         return self._len
 
