@@ -18,7 +18,7 @@ from tinytron.training.arguments import build_parser
 
 
 class ExampleTrainer(Trainer):
-    def _init_dataset(self) -> None:
+    def _init_dataset(self) -> tuple:
         d, seq_len = self.config.data, self.config.training.seq_len
         if not d.dataset or not d.tokenizer:
             raise ConfigError("--dataset and --tokenizer are required by pretrain_example.py")
@@ -44,9 +44,8 @@ class ExampleTrainer(Trainer):
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if len(names) == 1:
-            self.train_dataset, self.val_dataset = train[0], val[0]
-        else:
-            self.train_dataset, self.val_dataset = BlendedDataset(train, weights), ConcatDataset(val)
+            return train[0], val[0]
+        return BlendedDataset(train, weights), ConcatDataset(val)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,7 @@ def _build():
     ps.initialize_parallel_state(1)
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    zero = DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), dist.group.WORLD,
-                                param_names=model.named_parameters())
+    zero = DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
     return model, zero
 
 

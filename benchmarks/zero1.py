@@ -113,10 +113,8 @@ class _Variant:
             return
         overlap = not name.endswith("_off")
         zero = DistributedOptimizer(
-            _make_opt(list(self.model.parameters())), dist.group.WORLD,
-            shard=name.startswith("zero1"), bucket_size_mb=bucket_size_mb,
-            param_names=self.model.named_parameters(), model=self.model,
-            overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+            _make_opt(list(self.model.parameters())), self.model, shard=name.startswith("zero1"),
+            bucket_size_mb=bucket_size_mb, overlap_grad_reduce=overlap, overlap_param_gather=overlap)
         self.forward, self.zero_grad, self.micro_step = self.model, zero.zero_grad, zero.micro_step
         self.reduce, self.clip = zero.reduce_gradients, lambda: zero.clip_grad_norm(1.0)
         self.step, self.state, self.zero = zero.step, zero.optimizer.state, zero

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from tests.dist_helper import run_distributed
 from tests.utils import TINY_FLAGS, read_log, tiny_config
-from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
+from tinytron.distributed.zero1.optimizer_state import read_state_dict
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import COMPLETE, find_latest, list_complete, read_model_state, step_dir
 from tinytron.training.metrics import METRICS_FILE, read_records

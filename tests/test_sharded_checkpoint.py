@@ -24,7 +24,7 @@ from tests.test_checkpoint import MOE, ckpt_path, resume_and_train
 from tests.utils import read_log, tiny_config
 from tinytron.distributed.sharded_checkpoint import read_metadata
 from tinytron.distributed.zero1 import DistributedOptimizer
-from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
+from tinytron.distributed.zero1.optimizer_state import read_state_dict
 from tinytron.model import GPT
 from tinytron.training.checkpoint import CheckpointError, load_checkpoint, read_model_state
 from tinytron.training.config import Config
@@ -133,8 +133,7 @@ def test_checkpoint_of_the_older_format_resumes(tmp_path):
     model = GPT(cfg.model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    zero = DistributedOptimizer(torch.optim.AdamW([{"params": decay}, {"params": rest}]),
-                                param_names=model.named_parameters())
+    zero = DistributedOptimizer(torch.optim.AdamW([{"params": decay}, {"params": rest}]), model)
     assert load_checkpoint(legacy, model, zero)["step"] == 4
     want = torch.load(os.path.join(legacy, "model.pt"), weights_only=True)
     for name, value in model.state_dict().items():
@@ -152,7 +151,7 @@ def test_checkpoint_of_the_older_format_resumes(tmp_path):
     assert sorted(os.listdir(ckpt_path(run_dir, 8))) == ["COMPLETE", "meta.pt", "model", "optimizer", "rng"]
 
     other = GPT(dataclasses.replace(tiny_config(tmp_path).model, hidden_size=48))
-    zero = DistributedOptimizer(torch.optim.AdamW(other.parameters()), param_names=other.named_parameters())
+    zero = DistributedOptimizer(torch.optim.AdamW(other.parameters()), other)
     with pytest.raises(CheckpointError, match=r"another shape: embed.weight is \(64, 32\) there, \(64, 48\) here"):
         load_checkpoint(ckpt_path(run_dir, 8), other, zero)
 

@@ -29,7 +29,7 @@ from torch import nn
 from tests.dist_helper import run_distributed
 from tinytron.distributed.parallel_state import initialize_parallel_state
 from tinytron.distributed.zero1 import DistributedOptimizer
-from tinytron.distributed.zero1.distributed_optimizer import read_state_dict
+from tinytron.distributed.zero1.optimizer_state import read_state_dict
 
 D, NUM_EXPERTS, TOKENS, STEPS = 5, 4, 16, 10
 LRS = (1e-2, 3e-3)                  # decay group, no-decay group
@@ -140,14 +140,11 @@ def reference(steps: int, accum: int, max_norm: float, kind: str = "adamw",
 
 
 def wrap(model, opt, state, shard=True, bucket_size_mb=40.0, overlap=True):
-    """The trainer's wiring: dense over the world, experts over DP, grads averaged over DP."""
-    return DistributedOptimizer(
-        opt, dist.group.WORLD if state else None,
-        expert_process_group=state.dp_group if state else None,
-        expert_parallel_group=state.sep_group if state else None,
-        grad_scale=1 / state.dp_size if state else None, shard=shard,
-        bucket_size_mb=bucket_size_mb, param_names=model.named_parameters(), model=model,
-        overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+    """The trainer's wiring: the topology of parallel_state (`state`, the current one: dense over
+    the world, experts over DP, grads averaged over DP); state None: no communication."""
+    groups = {} if state else {"process_group": None}
+    return DistributedOptimizer(opt, model, shard=shard, bucket_size_mb=bucket_size_mb,
+                                overlap_grad_reduce=overlap, overlap_param_gather=overlap, **groups)
 
 
 def train(model, zero, state, steps, accum, max_norm):
@@ -340,7 +337,16 @@ def test_no_process_group_is_the_wrapped_optimizer():
     for name, p in model.named_parameters():
         assert torch.equal(p, want[name]), name   # bitwise: nothing but views changed
 
-    model.zero_grad()   # set_to_none: backward would write grads outside the flat buffer
+    # model.zero_grad() (set_to_none by default) zeroes the grads in place: they stay views into
+    # the flat grad buffer, of the model and of its submodules alike.
+    micro_loss(model, 0, 0, 1).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.inp.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        assert p.grad is grads[name] and not p.grad.any(), name
+    # A grad taken out of the buffer some other way is caught before any reduction.
+    model.gain.grad = None
     micro_loss(model, 0, 0, 1).backward()
     with pytest.raises(RuntimeError, match="flat grad buffer"):
         zero.reduce_gradients()
@@ -380,13 +386,13 @@ def bad_input_errors() -> dict[str, str]:
 
     def not_member():
         model, opt = model_and_opt()
-        DistributedOptimizer(opt, singletons[1 - rank], param_names=model.named_parameters())
+        DistributedOptimizer(opt, model, process_group=singletons[1 - rank])
     expect("not_member", "not a member of the process_group", not_member)
 
     def expert_outside():
         model, opt = model_and_opt()
-        DistributedOptimizer(opt, singletons[rank], expert_process_group=dist.group.WORLD,
-                             param_names=model.named_parameters())
+        DistributedOptimizer(opt, model, process_group=singletons[rank],
+                             expert_process_group=dist.group.WORLD)
     expect("expert_outside", "expert_process_group has ranks outside", expert_outside)
 
     def mismatch():   # rank 1's model has one more parameter
@@ -408,9 +414,8 @@ def bad_input_errors() -> dict[str, str]:
     def no_expert_parallel_group():   # dp 1 x sep 2: the two ranks hold different experts
         sep_state = initialize_parallel_state(2)
         model, opt = model_and_opt()
-        zero = DistributedOptimizer(opt, dist.group.WORLD,
-                                    expert_process_group=sep_state.dp_group,
-                                    param_names=model.named_parameters())
+        zero = DistributedOptimizer(opt, model, process_group=dist.group.WORLD,
+                                    expert_process_group=sep_state.dp_group)
         zero.state_dict()
     expect("no_expert_parallel_group", "needs the expert_parallel_group",
            no_expert_parallel_group)

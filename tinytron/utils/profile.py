@@ -1,5 +1,7 @@
 """FLOPs per token of this architecture, a FLOP counter that measures the same quantity on a real
-forward + backward (to check the formula), and model FLOPs utilisation (MFU)."""
+forward + backward (to check the formula), and model FLOPs utilisation (MFU), and the step profiler."""
+
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -114,3 +116,48 @@ def peak_flops(device: torch.device) -> float | None:
 
 def mfu(tokens_per_second_per_device: float, flops_per_tok: float, peak: float | None) -> float | None:
     return None if peak is None else tokens_per_second_per_device * flops_per_tok / peak
+
+
+# -------------------------------------------------------------------------------- profiler
+
+class StepProfiler:
+    """torch.profiler over optimizer steps [first, last] of a loop, its Chrome trace written to
+    `trace_path`; inactive when `enabled` is False. `before_stop` runs just before the profiler
+    stops (e.g. wait for collectives still in flight, so none records into a closed trace).
+
+        with StepProfiler(enabled, (first, last), path) as profiler:
+            while ...:
+                with profiler.step(step):
+                    ...  # the step
+    Leaving the outer `with` inside the range (the run ended early) still writes the trace."""
+
+    def __init__(self, enabled: bool, steps: tuple[int, int], trace_path: str, before_stop=None):
+        self.enabled, self.steps, self.trace_path, self.before_stop = enabled, steps, trace_path, before_stop
+        self._profiler = None
+
+    def __enter__(self):
+        return self
+
+    @contextmanager
+    def step(self, step: int):
+        if self.enabled and step == self.steps[0]:
+            self._profiler = torch.profiler.profile()
+            self._profiler.__enter__()
+        yield
+        if self._profiler is not None and step == self.steps[1]:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.before_stop is not None:
+            self.before_stop()
+        self._profiler.__exit__(None, None, None)
+        self._profiler.export_chrome_trace(self.trace_path)
+        self._profiler = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._profiler is None:
+            return
+        if exc_type is None:
+            self._stop()
+        else:  # an error: no waiting on collectives, no trace
+            self._profiler.__exit__(exc_type, exc, tb)

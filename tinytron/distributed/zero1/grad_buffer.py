@@ -168,8 +168,8 @@ class FlatBuffer:
         for p in self.bucket_params[b]:
             if p.grad is not self._grads[p]:
                 raise RuntimeError("a parameter's .grad is no longer its view into the flat grad "
-                                   "buffer (model.zero_grad() sets it to None); zero grads with "
-                                   "the DistributedOptimizer's zero_grad()")
+                                   "buffer (it was set to None or replaced); zero grads with "
+                                   "model.zero_grad() or the DistributedOptimizer's zero_grad()")
         full = self.grad_data[slice(*self.buckets[b])]
         reduced = self.grad_data[slice(*self.shard_range(self.buckets[b]))] if self.sharded else full
         if self.size == 1:

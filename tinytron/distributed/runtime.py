@@ -1,0 +1,65 @@
+"""The runtime of one process: its device, the process group and the parallel groups.
+
+`init_runtime` is the one set-up shared by the Trainer, the benchmarks and generation: launched
+with `python` (WORLD_SIZE unset: one process, no process group) or `torchrun` (one process per
+device, env:// rendezvous).
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from tinytron.distributed import abort
+from tinytron.distributed import parallel_state as ps
+
+
+class RuntimeSetupError(ValueError):
+    """A device or backend that cannot be used here; the message is one line naming the flag."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device  # this process's device: cuda:LOCAL_RANK, or cpu
+    rank: int             # global rank (0 without a process group)
+    world_size: int
+    is_main: bool         # global rank 0: the one that prints and writes the run's files
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """"auto" | "cuda" | "cpu" -> this process's device (cuda:LOCAL_RANK), made current."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeSetupError("--device cuda but no CUDA device is available")
+    if device != "cuda":
+        return torch.device("cpu")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def init_runtime(device: str = "auto", backend: str = "auto", sep_size: int = 1,
+                 timeout_minutes: float = 30.0) -> Runtime:
+    """Pick the device ("auto": CUDA when available) and the backend ("auto": nccl on CUDA, else
+    gloo); when WORLD_SIZE > 1, start the process group (a collective timeout of
+    `timeout_minutes`), watch for other ranks' failures (abort.py) and build the DP/SEP groups
+    (parallel_state.py). Raises RuntimeSetupError for a device or backend that cannot be used.
+    Single-process inference: `init_runtime(device)` (WORLD_SIZE unset) only picks the device."""
+    dev = pick_device(device)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise RuntimeSetupError("--backend nccl needs --device cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        # Let the NCCL watchdog abort a stuck collective instead of hanging (no-op on gloo).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        abort.watch(world)  # an error on one rank ends every rank (see abort.py)
+    if dist.is_initialized():
+        ps.initialize_parallel_state(sep_size)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Runtime(device=dev, rank=rank, world_size=world, is_main=rank == 0)

@@ -1,0 +1,101 @@
+"""Everything a run writes about itself, behind one object (rank 0 writes; a no-op elsewhere):
+
+    <run_dir>/config.json     the run's Config
+    <run_dir>/log.txt         one line per step: "<step> train <loss>", "<step> val <loss>",
+                              "<step> skipped non-finite loss <loss> grad_norm <norm>"
+    console                   one line per step and a tqdm progress bar
+    metrics.jsonl, TensorBoard, W&B   through MetricsLogger (metrics.py)
+
+Steps count from 0. On resume, log.txt and the metrics sinks drop what was logged for steps at or
+after the resumed one (`resume_step`), so each step appears once.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+from tinytron.training.config import Config
+from tinytron.training.metrics import MetricsLogger
+
+LOG_FILE = "log.txt"
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, config: Config, *, is_main: bool, resume_step: int, wandb_id: str | None):
+        self.run_dir, self.config, self.is_main = run_dir, config, is_main
+        self.bar = None
+        if is_main:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(config.to_dict(), f, indent=2)
+            self._rewind_log(resume_step)
+        lg = config.logging
+        self.metrics = MetricsLogger(run_dir, config.to_dict(), is_main=is_main, resume_step=resume_step,
+                                     tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
+                                     wandb_run_name=lg.wandb_run_name, wandb_entity=lg.wandb_entity,
+                                     wandb_id=wandb_id)
+
+    def _rewind_log(self, resume_step: int) -> None:
+        """log.txt keeps the lines of steps < resume_step, so resumed steps are not logged twice."""
+        log = os.path.join(self.run_dir, LOG_FILE)
+        if os.path.exists(log):
+            with open(log) as f:
+                kept = [line for line in f if int(line.split()[0]) < resume_step]
+            with open(log + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log + ".tmp", log)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.metrics.wandb_id
+
+    @contextmanager
+    def progress(self, total: int, initial: int):
+        """The console's progress bar for the loop. `with`: the bar's line is ended even on an
+        error, so the error prints on its own line."""
+        with tqdm(total=total, initial=initial, disable=not self.is_main, dynamic_ncols=True) as self.bar:
+            yield self.bar
+
+    def line(self, text: str) -> None:
+        """Append one line to log.txt."""
+        if self.is_main:
+            with open(os.path.join(self.run_dir, LOG_FILE), "a") as f:
+                f.write(text + "\n")
+
+    def train_step(self, step: int, stats: dict) -> None:
+        """log.txt and the console for optimizer step `step` (stats: Trainer.train_step's, timed)."""
+        if not stats["finite"]:
+            self.line(f"{step} skipped non-finite loss {stats['loss']} grad_norm {stats['grad_norm']}")
+        else:
+            self.line(f"{step} train {stats['loss']:.6f}")
+        if not self.is_main:
+            return
+        aux = f" | aux {stats['aux_loss']:.4f}" if self.config.model.use_moe else ""
+        util, tok_s = stats["mfu"], stats["tokens_per_s"]
+        mfu_s = "n/a" if util is None else f"{100 * util:.1f}%"
+        self.bar.write(f"step {step:6d} | loss {stats['loss']:.6f}{aux} | lr {stats['lr']:.3e} | grad norm "
+                       f"{stats['grad_norm']:.4f} | {1000 * stats['step_time']:.0f} ms | {tok_s:,.0f} tok/s | "
+                       f"MFU {mfu_s}")
+        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_s)
+        self.bar.update(1)
+
+    def val(self, step: int, loss: float) -> None:
+        self.line(f"{step} val {loss:.6f}")
+
+    def metrics_record(self, step: int, stats: dict, tokens: int, skipped_steps: int, device: torch.device) -> None:
+        """One record per step to metrics.jsonl / TensorBoard / W&B."""
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        record = {"tokens": tokens, "train/loss": stats["loss"],
+                  "val/loss": stats.get("val_loss"), "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
+                  "perf/step_time_s": stats["step_time"], "perf/tokens_per_s": stats["tokens_per_s"],
+                  "perf/mfu": stats["mfu"], "perf/peak_memory_gib": mem, "train/skipped_steps": skipped_steps}
+        if self.config.model.use_moe:
+            record["moe/aux_loss"] = stats["aux_loss"]
+        if stats["expert_load"] is not None:
+            record["moe/expert_load"] = stats["expert_load"]
+        self.metrics.log(step, record)
+
+    def close(self) -> None:
+        self.metrics.close()
