@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from tinytron.distributed.runtime import init_runtime
 from tinytron.model import ModelConfig
 
 
@@ -116,15 +117,13 @@ def report(title: str, device: torch.device, module: str, body: str, append: str
 
 
 def init_distributed(device: str) -> torch.device:
-    """Start a torchrun benchmark's process group: NCCL with one GPU per process for "cuda" (or
-    "auto" when CUDA is available), else gloo on CPU. Returns this rank's device."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl")
-        return dev
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
+    """Start a torchrun benchmark's process group (distributed/runtime.py: NCCL with one GPU per
+    process for "cuda", or "auto" when CUDA is available, else gloo on CPU). Returns this rank's
+    device."""
+    runtime = init_runtime(device)
+    if not dist.is_initialized():
+        raise SystemExit("launch this benchmark with torchrun --nproc_per_node 2 or more")
+    return runtime.device
 
 
 def count_a2a_bytes() -> list[int]:

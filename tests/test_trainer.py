@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tests.dist_helper import free_port, run_distributed
 from tests.utils import TINY_FLAGS, read_log, tiny_config, torchrun_env
@@ -195,3 +196,49 @@ def test_profiler_writes_a_chrome_trace(tmp_path):
     with open(os.path.join(run_dir, "rank0_trace.json")) as f:
         trace = json.load(f)
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+
+
+class OverridingTrainer(Trainer):
+    """Overrides every documented point, each returning what it builds (see trainer.py)."""
+
+    def _init_dataset(self):
+        constant = torch.full((self.config.training.seq_len + 1,), 7)  # every token is 7
+        return [constant] * 64, [constant] * 8
+
+    def _init_model(self):
+        model = super()._init_model()
+        self.inputs = []  # every input the model was called with
+        model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0].clone()))
+        return model
+
+    def _init_optimizer(self):
+        self.sgd = torch.optim.SGD(self.model.parameters(), lr=0.0)
+        return self.sgd
+
+    def _lr_at(self, step):
+        return 0.25 * (step + 1)
+
+
+def test_every_override_point_is_used(tmp_path):
+    """_init_dataset's data reaches the model, _init_model's model is the one trained,
+    _init_optimizer's optimizer is the one stepped (wrapped for ZeRO-1) with _lr_at's lr."""
+    trainer = OverridingTrainer(tiny_config(tmp_path, "--no-do_save", "--max_steps", "2", "--warmup_steps", "1",
+                                            "--val_every_steps", "2", "--grad_clip_value", "0"))
+    model, before = trainer.model, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert len(trainer.inputs) == 2 * trainer.grad_accum_steps + 4  # 2 steps, then 8 val sequences in 4 batches
+    assert all(bool((x == 7).all()) for x in trainer.inputs)
+    assert trainer.model is model and trainer.optimizer.optimizer is trainer.sgd
+    assert [g["lr"] for g in trainer.sgd.param_groups] == [0.5]  # _lr_at(1), the last step's
+    with open(os.path.join(trainer.run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["train/lr"] for line in f] == [0.25, 0.5]
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "embed" not in n)
+
+
+def test_init_dataset_must_return_the_datasets(tmp_path):
+    class OldStyleTrainer(Trainer):
+        def _init_dataset(self):
+            self.train_dataset = self.val_dataset = None
+
+    with pytest.raises(TypeError, match=r"_init_dataset must return \(train_dataset, val_dataset\)"):
+        OldStyleTrainer(tiny_config(tmp_path, "--no-do_save"))

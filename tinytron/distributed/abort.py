@@ -6,9 +6,10 @@ later with an unrelated "connection closed" (gloo). Instead, `fail` posts the on
 and exit code in the job's key-value store (the TCPStore at MASTER_ADDR:MASTER_PORT that
 torch.distributed already uses, through a connection of our own); a daemon thread on every rank
 (`watch`) checks the store every second (one small request per rank) and, once a message is
-there, prints it and exits with its code. The first message posted wins, so every rank prints the same line. Before exiting, each
-rank waits (at most a few seconds) until every rank has read the message: rank 0 may host the
-store, and leaving early would hide the message from the slower ranks.
+there, prints it and exits with its code. The first message posted wins, so every rank prints
+the same line. Before exiting, each rank waits (at most a few seconds) until every rank has read
+the message: rank 0 may host the store, and leaving early would hide the message from the slower
+ranks.
 """
 
 import json

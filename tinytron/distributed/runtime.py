@@ -29,14 +29,18 @@ class Runtime:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto" | "cuda" | "cpu" -> this process's device (cuda:LOCAL_RANK), made current."""
+    """"auto" (CUDA when available), "cpu", "cuda" (this process's GPU: cuda:LOCAL_RANK) or
+    "cuda:N" -> the device, made the current CUDA device. No process group needed: also the
+    device of single-process inference."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeSetupError("--device cuda but no CUDA device is available")
-    if device != "cuda":
-        return torch.device("cpu")
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise RuntimeSetupError(f"--device {device} but no CUDA device is available")
+    if dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(dev)
     return dev
 
@@ -47,7 +51,7 @@ def init_runtime(device: str = "auto", backend: str = "auto", sep_size: int = 1,
     gloo); when WORLD_SIZE > 1, start the process group (a collective timeout of
     `timeout_minutes`), watch for other ranks' failures (abort.py) and build the DP/SEP groups
     (parallel_state.py). Raises RuntimeSetupError for a device or backend that cannot be used.
-    Single-process inference: `init_runtime(device)` (WORLD_SIZE unset) only picks the device."""
+    Without WORLD_SIZE > 1 it only picks the device (see pick_device)."""
     dev = pick_device(device)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -17,10 +17,22 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
-from tinytron.training.config import Config
+from tinytron.training.config import Config, ConfigError
 from tinytron.training.metrics import MetricsLogger
 
 LOG_FILE = "log.txt"
+
+
+def make_run_dir(config: Config) -> str:
+    """Create the run folder (config.run_dir); ConfigError when it cannot be written."""
+    run_dir = config.run_dir
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(run_dir)
+    except OSError as e:
+        raise ConfigError(f"--log_dir {config.logging.log_dir} is not writable ({type(e).__name__})") from None
+    return run_dir
 
 
 class RunLogger:

@@ -1,6 +1,7 @@
 """What the ranks agree on: stop signals, the time-based save, and each step's statistics, all
 carried by the step's ONE all-reduce (the only host sync of a step)."""
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -59,6 +60,18 @@ class StopSignals:
             dist.all_reduce(flags)
         self.agree(flags.tolist())
         return self.agreed is not None
+
+    def announce_stop(self, step: int, saved: bool, is_main: bool) -> None:
+        """After the agreed stop (and its complete checkpoint): say so, and tell the launcher
+        (scripts/launch.sh) through $TINYTRON_STOP_FILE that this node's workers stopped on a
+        signal on purpose: torchrun itself exits 1 when it got the signal too."""
+        if is_main:
+            print(f"[tinytron] {self.agreed}: {f'saved step {step}' if saved else f'at step {step}, not saved'}, "
+                  "exiting", flush=True)
+        stop_file = os.environ.get("TINYTRON_STOP_FILE")
+        if stop_file and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            with open(stop_file, "w") as f:
+                f.write(f"{self.agreed} {step}\n")
 
 
 @dataclass

@@ -40,7 +40,7 @@ from tinytron.model import GPT
 from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, validate_config
-from tinytron.training.logger import RunLogger
+from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.resume import resume
 from tinytron.training.sync import StopSignals, ignore_stop_signals, reduce_step_stats
@@ -97,13 +97,7 @@ class Trainer:
         if t.precision == "bf16" and rt.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--precision bf16 is not supported by this GPU; use --precision fp32")
         self.device, self.rank, self.world_size, self.is_main = rt.device, rt.rank, rt.world_size, rt.is_main
-        self.run_dir = cfg.run_dir
-        try:
-            os.makedirs(self.run_dir, exist_ok=True)
-            if not os.access(self.run_dir, os.W_OK):
-                raise PermissionError(self.run_dir)
-        except OSError as e:
-            raise ConfigError(f"--log_dir {cfg.logging.log_dir} is not writable ({type(e).__name__})") from None
+        self.run_dir = make_run_dir(cfg)
         if self.is_main and dist.is_initialized():
             ps.print_topology()
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -329,22 +323,10 @@ class Trainer:
                     # A signal that came during this save: stop here, the step is saved.
                     stopping = stopping or (not last and self.signals.share(self.device))
                 if stopping:
-                    self._stopped()
+                    self.signals.announce_stop(self.step, c.do_save, self.is_main)
                     break
         self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.log.close()
-
-    def _stopped(self) -> None:
-        """After the agreed stop (and its complete checkpoint): say so, and tell the launcher
-        (scripts/launch.sh) through $TINYTRON_STOP_FILE that this node's workers stopped on a
-        signal on purpose: torchrun itself exits 1 when it got the signal too."""
-        saved = f"saved step {self.step}" if self.config.checkpoint.do_save else f"at step {self.step}, not saved"
-        if self.is_main:
-            print(f"[tinytron] {self.signals.agreed}: {saved}, exiting", flush=True)
-        stop_file = os.environ.get("TINYTRON_STOP_FILE")
-        if stop_file and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            with open(stop_file, "w") as f:
-                f.write(f"{self.signals.agreed} {self.step}\n")
 
     def _count_skips(self, finite: bool) -> None:
         """A non-finite step was not applied; too many in a row stop the run (the last complete
