@@ -101,6 +101,9 @@ def _cli(*flags, nproc=None):
     (["--resume_path", "/nonexistent/run"], "--resume_path /nonexistent/run does not exist"),
     (["--skip_data_steps", "-1"], "--skip_data_steps -1 must be >= 0"),
     (["--seq_len", "15", "--sep_size", "1", "--block_size", "8"], "--seq_len 15 exceeds --block_size 8"),
+    (["--backend", "nccl"], "--backend nccl needs --device cuda"),  # from distributed/runtime.py
+    pytest.param(["--device", "cuda"], "--device cuda but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
 ])
 def test_bad_flags_one_line_error(tmp_path, flags, message):
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), *flags)

@@ -63,6 +63,7 @@ class Trainer:
             raise TypeError("_init_dataset must return (train_dataset, val_dataset)")
         self.train_dataset, self.val_dataset = datasets
         self.model = self._init_model()
+        # From here on the optimizer's flat buffers hold the model's parameters and gradients.
         self.optimizer = self._wrap_optimizer(self._init_optimizer())
         self.steps_per_epoch = len(self.train_dataset) // self.global_batch_seqs
         if self.steps_per_epoch == 0:
