@@ -1,5 +1,5 @@
-"""What the ranks agree on: stop signals, the time-based save, and each step's statistics, all
-carried by the step's ONE all-reduce (the only host sync of a step)."""
+"""What the ranks agree on: stop signals, the time-based save, each step's statistics (all carried
+by the step's ONE all-reduce, the only host sync of a step) and the validation loss."""
 
 import os
 import signal
@@ -108,3 +108,15 @@ def reduce_step_stats(losses: torch.Tensor, micro_steps: int, grad_norm: torch.T
         experts = expert_load.shape[1]
         load = [[round(v) for v in values[5 + i * experts:5 + (i + 1) * experts]] for i in range(expert_load.shape[0])]
     return StepStats(loss=lm, aux_loss=aux, grad_norm=norm, save_due=save > 0, expert_load=load)
+
+
+def reduce_validation(totals: torch.Tensor, signals: StopSignals) -> float:
+    """totals: [sum of token losses, tokens] over this rank's validation sequences -> the mean
+    token loss over all ranks. The same all-reduce shares the stop signals received meanwhile."""
+    totals = torch.cat((totals, signals.flags(totals.device)))
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss = totals[0] / totals[1].clamp(min=1)
+    loss, *flags = torch.cat((loss.view(1), totals[2:])).tolist()
+    signals.agree(flags)
+    return loss

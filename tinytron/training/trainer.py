@@ -43,7 +43,7 @@ from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.resume import resume
-from tinytron.training.sync import StopSignals, ignore_stop_signals, reduce_step_stats
+from tinytron.training.sync import StopSignals, ignore_stop_signals, reduce_step_stats, reduce_validation
 from tinytron.utils.model import count_parameters
 from tinytron.utils.profile import StepProfiler, flops_per_token, mfu, peak_flops
 from tinytron.utils.training import lr_at
@@ -266,14 +266,8 @@ class Trainer:
                 logits = self.model(inputs, position_ids=positions)
             totals += torch.stack((cross_entropy_sum(logits, targets),
                                    (targets != IGNORE_INDEX).sum().float()))
-        totals = torch.cat((totals, self.signals.flags(self.device)))
-        if dist.is_initialized():
-            dist.all_reduce(totals)
         self.model.train()
-        loss = totals[0] / totals[1].clamp(min=1)
-        loss, *flags = torch.cat((loss.view(1), totals[2:])).tolist()
-        self.signals.agree(flags)
-        return loss
+        return reduce_validation(totals, self.signals)
 
     def _train_loader(self):
         """The training batches, from this rank's position in the data order: a generator, so that
