@@ -245,3 +245,15 @@ def test_init_dataset_must_return_the_datasets(tmp_path):
 
     with pytest.raises(TypeError, match=r"_init_dataset must return \(train_dataset, val_dataset\)"):
         OldStyleTrainer(tiny_config(tmp_path, "--no-do_save"))
+
+
+def test_runtime_of_a_single_process(monkeypatch):
+    """Without WORLD_SIZE (python, not torchrun) init_runtime only picks the device: what the
+    Trainer, the benchmarks and single-process generation share."""
+    from tinytron.distributed.runtime import RuntimeSetupError, init_runtime, pick_device
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    runtime = init_runtime("cpu")
+    assert (runtime.device, runtime.rank, runtime.world_size, runtime.is_main) == (torch.device("cpu"), 0, 1, True)
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RuntimeSetupError, match="--backend nccl needs --device cuda"):
+        init_runtime("cpu", backend="nccl")
