@@ -341,7 +341,7 @@ def is_inside(path: str, folder: str) -> bool:
 
 def plan_resume(run_dir: str, resume_path: str, skip_data_steps: int) -> list[tuple[str, bool]]:
     """The checkpoints to try, in order (the first readable one is resumed), each with whether
-    resuming it starts a new branch. [] means a fresh start. Rank 0 decides (see Trainer._resume).
+    resuming it starts a new branch. [] means a fresh start. Rank 0 decides (see resume.py).
 
     The run's branch is the one of its newest checkpoint with a readable meta.pt. The command
     continues that branch when its --resume_path is empty or the one that started the branch,
