@@ -115,11 +115,11 @@ def test_fp32_parts_under_bf16_autocast():
     torch.testing.assert_close(cos, torch.cat((angles, angles), -1).cos().float(), rtol=0, atol=1e-6)
 
     moe = model.layers[0].mlp  # routing statistics depend only on the router's logits
-    moe(x)
-    aux, load = moe.aux_loss, moe.expert_load
+    _, (aux, load) = moe(x)
     with autocast():
-        assert moe(x).dtype == torch.bfloat16  # the experts ran in bf16
-    assert torch.equal(moe.aux_loss, aux) and torch.equal(moe.expert_load, load)
+        out, stats = moe(x)
+    assert out.dtype == torch.bfloat16  # the experts ran in bf16
+    assert torch.equal(stats.aux_loss, aux) and torch.equal(stats.expert_load, load)
 
     logits = torch.randn(2, 16, cfg.vocab_size, generator=g).bfloat16()
     targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
