@@ -241,6 +241,8 @@ def _gpt_sep_case() -> dict:
             dist.all_reduce(grad)
         grad_err = max(grad_err, _rel(grad, q.grad))
     chunk = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
+    # Parallelism wraps submodules without renaming a parameter: checkpoints and HF maps hold.
+    assert list(model.state_dict()) == list(ref.state_dict())
     return {"out": _rel(out.logits, ref_out.logits[:, chunk]), "grads": grad_err,
             "loss": abs(total_loss.item() - ref_loss.item()) / ref_loss.item()}
 

@@ -90,9 +90,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
                    counts_host: list[int] | None = None) -> torch.Tensor:
-    """x: [M, C] sorted by expert; gate_up: [E, C, 2I], down: [E, I, C] (the experts these rows
-    go to, in x's dtype after the cast here); counts: [E] int64 on x's device; counts_host: the
-    same as a list when already on the host (else the per-expert loop reads it: a host sync)
+    """x: [M, C] sorted by expert; gate_up: [E, C, 2I], down: [E, I, C]: the weights of the E
+    experts the rows go to (cast to x's dtype here); counts: [E] int64 on x's device; counts_host:
+    the same as a list when already on the host (else the per-expert loop reads it: a host sync)
     -> [M, C]. Grouped GEMMs where supported, else one pair of matmuls per expert."""
     gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
     if _grouped_mm_supported(x, gate_up, down):
