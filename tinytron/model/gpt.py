@@ -107,6 +107,8 @@ class GPT(nn.Module):
             position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
         cos, sin = self.rope(position_ids)
         x = self.dropout(self.embed(idx))
+        # A tensor even for dense models (callers add it to their loss); zeros fills on the device,
+        # no host-to-device copy to wait for.
         aux_loss, expert_load = torch.zeros((), dtype=torch.float32, device=idx.device), []
         for layer in self.layers:
             if self.activation_checkpointing == "full" and self.training:
