@@ -57,8 +57,8 @@ class Layout:
         self.model.zero_grad(set_to_none=True)
 
         def fwd_bwd():
-            logits = self.model(self.idx)
-            (cross_entropy_sum(logits, self.targets) / self.num_tokens + self.model.aux_loss()).backward()
+            out = self.model(self.idx, return_aux=True)
+            (cross_entropy_sum(out.logits, self.targets) / self.num_tokens + out.aux_loss).backward()
 
         return slowest_rank_seconds(fwd_bwd, self.device)
 

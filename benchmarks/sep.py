@@ -21,7 +21,7 @@ import torch.distributed as dist
 from benchmarks.common import count_a2a_bytes, init_distributed, slowest_rank_seconds
 from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
-from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.model import GPT, ModelConfig
 from tinytron.model.modules.loss import cross_entropy_sum
@@ -62,10 +62,8 @@ class Layout:
         # Sequences of this DP rank; this SEP rank's chunk of them, at its global positions.
         g = torch.Generator().manual_seed(state.dp_rank)
         tokens = torch.randint(self.config.vocab_size, (batch, args.seq_len + 1), generator=g)
-        start = state.sep_rank * local_len
-        self.idx = tokens[:, start:start + local_len].to(device)
-        self.targets = tokens[:, start + 1:start + local_len + 1].to(device)
-        self.position_ids = torch.arange(start, start + local_len, device=device)[None]
+        self.idx, self.targets, self.position_ids = (
+            t.to(device) for t in sequence_chunk(tokens[:, :-1], tokens[:, 1:], state.sep_rank, sep))
         self.total_tokens = batch * args.seq_len
         self.device = device
         self.name = f"dp {state.dp_size} x sep {sep}"

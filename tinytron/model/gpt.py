@@ -1,10 +1,12 @@
 """The GPT model: a pre-norm decoder with RoPE, RMSNorm, GQA attention, SwiGLU and a tied head.
 
 Read top to bottom: `Block` is one layer, `GPT` stacks them. The model knows nothing of data or
-parallelism; `tinytron.distributed` sets process groups on its attention (and MoE) modules.
+parallelism: `tinytron.distributed` wraps or swaps submodules around it (the core attention op,
+the MoE expert computation) without changing its parameters.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from tinytron.model.config import ModelConfig
 from tinytron.model.modules.attn import Attention
 from tinytron.model.modules.emb import RotaryEmbedding
 from tinytron.model.modules.loss import cross_entropy_loss
-from tinytron.model.modules.mlp import MLP, MoE
+from tinytron.model.modules.mlp import MLP, MoE, MoEStats
 from tinytron.model.modules.norm import RMSNorm
 
 
@@ -24,18 +26,30 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.use_moe = config.use_moe
         self.mlp = MoE(config) if config.use_moe else MLP(config)
         self.recompute_mlp = False  # set by GPT.set_activation_checkpointing
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, C] -> [B, T, C]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, MoEStats | None]:
+        """x: [B, T, C] -> ([B, T, C], the MoE layer's statistics or None for a dense MLP)."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
         if self.recompute_mlp and self.training:
-            return x + checkpoint(self._mlp, x, use_reentrant=False)
-        return x + self._mlp(x)
+            y, stats = checkpoint(self._mlp, x, use_reentrant=False)
+        else:
+            y, stats = self._mlp(x)
+        return x + y, stats
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.mlp_norm(x))
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
+        y = self.mlp(self.mlp_norm(x))
+        return y if self.use_moe else (y, None)
+
+
+class GPTOutput(NamedTuple):
+    """What `GPT.forward(..., return_aux=True)` returns."""
+    logits: torch.Tensor               # [B, T, V]
+    aux_loss: torch.Tensor             # scalar fp32: sum over MoE layers of MoEStats.aux_loss (0 if dense)
+    expert_load: torch.Tensor | None   # [num_layer, E] int64 (MoEStats.expert_load per layer), or None
 
 
 class GPT(nn.Module):
@@ -81,28 +95,32 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, return_aux: bool = False):
         """idx: [B, T] token ids; targets: [B, T] (-100 = ignore); position_ids: [B or 1, T]
         (default 0..T-1; a sequence-parallel rank passes its global positions).
 
         Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
-        token cross-entropy over valid targets plus any auxiliary (MoE) loss.
+        token cross-entropy over valid targets plus the auxiliary (MoE) loss. With `return_aux`,
+        a `GPTOutput` instead (targets unused), for a caller that computes its own loss.
         """
         if position_ids is None:
             position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
         cos, sin = self.rope(position_ids)
         x = self.dropout(self.embed(idx))
+        # A tensor even for dense models (callers add it to their loss); zeros fills on the device,
+        # no host-to-device copy to wait for.
+        aux_loss, expert_load = torch.zeros((), dtype=torch.float32, device=idx.device), []
         for layer in self.layers:
             if self.activation_checkpointing == "full" and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x, stats = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x, stats = layer(x, cos, sin)
+            if stats is not None:
+                aux_loss = aux_loss + stats.aux_loss
+                expert_load.append(stats.expert_load)
         logits = self.lm_head(self.norm(x))
+        if return_aux:
+            return GPTOutput(logits, aux_loss, torch.stack(expert_load) if expert_load else None)
         if targets is None:
             return logits
-        return logits, cross_entropy_loss(logits, targets) + self.aux_loss()
-
-    def aux_loss(self) -> torch.Tensor | float:
-        """Sum of the auxiliary losses of the last forward (MoE load balancing; 0 for dense)."""
-        return sum((layer.mlp.aux_loss for layer in self.layers
-                    if getattr(layer.mlp, "aux_loss", None) is not None), 0.0)
+        return logits, cross_entropy_loss(logits, targets) + aux_loss

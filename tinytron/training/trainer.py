@@ -29,7 +29,7 @@ from tinytron.data.mock import MockDataset
 from tinytron.data.sampler import GlobalBatchSampler, validation_indices
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
-from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
@@ -367,10 +367,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
-        chunk = inputs.shape[1] // ps.get_sep_size()
-        start = ps.get_sep_rank() * chunk
-        positions = torch.arange(start, start + chunk, device=self.device)[None]
-        return inputs[:, start:start + chunk], targets[:, start:start + chunk], positions, count
+        return *sequence_chunk(inputs, targets, ps.get_sep_rank(), ps.get_sep_size()), count
 
     def _autocast(self):
         if self.config.training.precision == "bf16":
@@ -378,14 +375,13 @@ class Trainer:
         return nullcontext()
 
     def _forward_loss(self, batch: torch.Tensor):
-        """-> (language-model loss, auxiliary loss) of one micro-batch on this rank, as tensors."""
+        """-> (language-model loss, auxiliary loss, expert load [layers, experts] or None for dense
+        models) of one micro-batch on this rank, as tensors."""
         inputs, targets, positions, count = self._split_batch(batch)
         with self._autocast():
-            logits = self.model(inputs, position_ids=positions)
-        lm = cross_entropy_sum(logits, targets) / count.clamp(min=1)
-        aux = self.model.aux_loss()  # a tensor for MoE, the float 0.0 for dense models
-        # new_zeros, not torch.tensor(0.0, device=...): a host-to-device copy waits for the GPU.
-        return lm, aux.float() if torch.is_tensor(aux) else lm.new_zeros(())
+            out = self.model(inputs, position_ids=positions, return_aux=True)
+        lm = cross_entropy_sum(out.logits, targets) / count.clamp(min=1)
+        return lm, out.aux_loss, out.expert_load
 
     def train_step(self, batches) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's statistics
@@ -397,14 +393,12 @@ class Trainer:
         acc = torch.zeros(2, device=self.device)
         load = None  # tokens per expert per MoE layer, summed over micro-steps: [layers, experts]
         for micro in range(self.grad_accum_steps):
-            lm, aux = self._forward_loss(next(batches))
+            lm, aux, expert_load = self._forward_loss(next(batches))
             with self.optimizer.micro_step(last=micro == self.grad_accum_steps - 1):
                 ((lm + aux) / self.grad_accum_steps).backward()
             acc += torch.stack((lm.detach(), aux.detach()))
             if self.config.logging.log_expert_load:
-                step_load = torch.stack([m.expert_load for m in self.model.modules()
-                                         if getattr(m, "expert_load", None) is not None]).float()
-                load = step_load if load is None else load + step_load
+                load = expert_load.float() if load is None else load + expert_load.float()
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
         # SEP ranks hold shares of one sequence's loss (sum them); DP ranks hold different
