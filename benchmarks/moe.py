@@ -25,7 +25,7 @@ from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import cross_entropy_sum
+from tinytron.model.gpt import cross_entropy_sum
 
 
 class Layout:

@@ -24,7 +24,7 @@ from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import cross_entropy_sum
+from tinytron.model.gpt import cross_entropy_sum
 
 
 def a2a_bytes_per_step(config: ModelConfig, batch: int, local_len: int, sep: int,

@@ -19,8 +19,8 @@ from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.parallel_state import get_sep_group, get_sep_rank, initialize_parallel_state
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import cross_entropy_sum
-from tinytron.model.modules.mlp import MoE, swiglu_experts_grouped, swiglu_experts_looped
+from tinytron.model.gpt import cross_entropy_sum
+from tinytron.model.moe import MoE, swiglu_experts_grouped, swiglu_experts_looped
 from tinytron.utils import count_parameters
 
 TOL = 1e-5

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.mlp import swiglu_experts_grouped, swiglu_experts_looped
+from tinytron.model.moe import swiglu_experts_grouped, swiglu_experts_looped
 from tinytron.utils.profile import flops_per_token, mfu, model_flop_counter
 
 SEQ, BATCH = 32, 2

@@ -18,8 +18,7 @@ from tinytron.distributed.parallel_state import get_sep_group, get_sep_rank, get
 from tinytron.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.sequence_parallel.ulysses import all_to_all, kv_heads_to_send
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.attn import CausalAttention
-from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_loss, cross_entropy_sum
+from tinytron.model.gpt import IGNORE_INDEX, CausalAttention, cross_entropy_loss, cross_entropy_sum
 
 B, T, VOCAB = 2, 16, 96
 

@@ -32,7 +32,7 @@ from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
-from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
+from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import abort
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, resume_changes, validate_config

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinytron.distributed.all_to_all import all_to_all_variable
-from tinytron.model.modules.mlp import MoE, swiglu_experts
+from tinytron.model.moe import MoE, swiglu_experts
 
 
 def _transpose_chunks(x: torch.Tensor, sizes: list[int], rows: int, cols: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def combine(y: torch.Tensor, route: Route, group) -> torch.Tensor:
 
 class ExpertParallel(nn.Module):
     """An MoE layer's expert computation with its experts split over `group` (the EP = SEP group):
-    the same forward as `tinytron.model.modules.mlp.Experts`.
+    the same forward as `tinytron.model.moe.Experts`.
 
     forward(x [M, C] this rank's (token, slot) rows sorted by global expert, seq_counts [B, E] int64
     its rows per (sequence, expert), gate_up [E_local, C, 2I], down [E_local, I, C] this rank's

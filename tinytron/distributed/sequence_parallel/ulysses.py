@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinytron.distributed.all_to_all import all_to_all
-from tinytron.model.modules.attn import Attention
+from tinytron.model.gpt import Attention
 
 
 def kv_heads_to_send(num_kv_heads: int, sep_size: int) -> int:

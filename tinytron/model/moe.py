@@ -1,11 +1,13 @@
-"""Feed-forward layers: the SwiGLU MLP and the dropless Mixture-of-Experts (MoE) layer.
+"""The dropless Mixture-of-Experts (MoE) layer: a fp32 top-k router, SwiGLU experts stacked in
+two tensors, and the sequence-wise load-balancing loss.
 
-The MoE layer's expert computation (`Experts`: rows sorted by expert -> expert outputs, and the
-routing counts per sequence; no parameters) is a submodule of its own so that expert parallelism
-can be applied around it without the model knowing: `tinytron.distributed.expert_parallel.
-apply_expert_parallel` keeps this rank's slice of the expert weights and swaps `Experts` for a
-module that sends every row to the rank holding its expert and back.
+The expert computation (`Experts`: rows sorted by expert -> expert outputs, and the routing counts
+per sequence; no parameters) is a submodule of its own so that expert parallelism can be applied
+around it without the model knowing: `tinytron.distributed.expert_parallel.apply_expert_parallel`
+keeps this rank's slice of the expert weights and swaps `Experts` for a module that sends every row
+to the rank holding its expert and back.
 """
+
 
 import math
 from typing import NamedTuple
@@ -16,20 +18,6 @@ from torch import nn
 
 from tinytron.model.config import ModelConfig
 
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). x: [..., C] -> [..., C]."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        # gate and up fused into one matmul; split in forward.
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 def route(logits: torch.Tensor, k: int, softmax_before_topk: bool
