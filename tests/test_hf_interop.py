@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tinytron.export import main as export_main
-from tinytron.generate import generate_text, load_generator
-from tinytron.generate import main as generate_main
-from tinytron.interop.hf import export_hf, init_from_hf, load_hf
+from tinytron.commands.export import main as export_main
+from tinytron.commands.generate import generate_text, load_generator
+from tinytron.commands.generate import main as generate_main
+from tinytron.interop.hf import export_hf, load_hf
 from tinytron.model import GPT, ModelConfig
+from tinytron.training.weights import init_from_hf
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "data" / "tinyshakespeare" / "tokenizer"
@@ -225,8 +226,8 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_cli_export_and_generate(tmp_path, capsys):
     """A checkpoint in the Trainer's older format (model.pt; the sharded format is exported in
-    test_sep2_checkpoint_exports_like_sep1) -> `python -m tinytron.export` -> a folder that
-    transformers loads (model and tokenizer) -> `python -m tinytron.generate` prints the greedy
+    test_sep2_checkpoint_exports_like_sep1) -> `python -m tinytron.commands.export` -> a folder that
+    transformers loads (model and tokenizer) -> `python -m tinytron.commands.generate` prints the greedy
     continuation our own model computes, from the HF folder and from the checkpoint alike. (Two
     real subprocesses; the other command lines run in-process through the same `main`, since each
     subprocess pays ~5 s of importing transformers.)"""
@@ -241,7 +242,7 @@ def test_cli_export_and_generate(tmp_path, capsys):
     (run / "checkpoints" / "step_00000020").mkdir()  # newer but incomplete: must be ignored
 
     out = tmp_path / "hf"
-    r = _cli("tinytron.export", "--checkpoint", str(run), "--out", str(out), "--tokenizer", str(TOKENIZER))
+    r = _cli("tinytron.commands.export", "--checkpoint", str(run), "--out", str(out), "--tokenizer", str(TOKENIZER))
     assert r.returncode == 0, r.stderr
     assert "exported step 10" in r.stdout
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -253,7 +254,7 @@ def test_cli_export_and_generate(tmp_path, capsys):
     expected = prompt + tokenizer.decode(_greedy(model, tokenizer(prompt).input_ids, 8, 0),
                                          skip_special_tokens=True)
     args = ["--prompt", prompt, "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"]
-    r = _cli("tinytron.generate", "--checkpoint", str(out), *args)
+    r = _cli("tinytron.commands.generate", "--checkpoint", str(out), *args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == expected
     generate_main(["--checkpoint", str(step), "--tokenizer", str(TOKENIZER), *args])
