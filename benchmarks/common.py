@@ -156,3 +156,26 @@ def slowest_rank_seconds(fn, device: torch.device) -> float:
     elapsed = torch.tensor([time.perf_counter() - t0], device=device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
+
+
+def alternate_steps(layouts: list, warmup: int, steps: int, a2a_sent: list[int]) -> tuple[dict, dict]:
+    """Run `warmup + steps` rounds of one `layout.step()` (seconds) per layout, the layouts in turn,
+    so that a drift in machine load hits them alike. Returns ({name: [seconds]}, {name: [bytes the
+    all-to-alls sent]}) of the steps after the warm-up; `a2a_sent` is count_a2a_bytes()'s counter."""
+    times = {layout.name: [] for layout in layouts}
+    sent = {layout.name: [] for layout in layouts}
+    for step in range(warmup + steps):
+        for layout in layouts:
+            a2a_sent[0] = 0
+            elapsed = layout.step()
+            if step >= warmup:
+                times[layout.name].append(elapsed)
+                sent[layout.name].append(a2a_sent[0])
+    return times, sent
+
+
+def torchrun_header(machine_line: str, module: str) -> str:
+    """Two lines for a torchrun benchmark's output: the machine and world, and the command."""
+    world = dist.get_world_size()
+    return (f"machine: {machine_line}; torch {torch.__version__}; world {world} ({dist.get_backend()}), fp32\n"
+            f"command: torchrun --nproc_per_node {world} -m {module} {' '.join(sys.argv[1:])}")

@@ -15,12 +15,12 @@ noisy: run it on otherwise idle cores.
 
 import argparse
 import statistics
-import sys
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import count_a2a_bytes, init_distributed, slowest_rank_seconds
+from benchmarks.common import (alternate_steps, count_a2a_bytes, init_distributed, slowest_rank_seconds,
+                               torchrun_header)
 from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
@@ -86,21 +86,9 @@ def main() -> None:
     world = dist.get_world_size()
     a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, ep, device) for ep in (1, world)]
-    times = {layout.name: [] for layout in layouts}
-    sent = {layout.name: [] for layout in layouts}
-    # Steps of the two layouts alternate, so a drift in machine load hits both alike.
-    for step in range(args.warmup + args.steps):
-        for layout in layouts:
-            a2a_sent[0] = 0
-            elapsed = layout.step()
-            if step >= args.warmup:
-                times[layout.name].append(elapsed)
-                sent[layout.name].append(a2a_sent[0])
+    times, sent = alternate_steps(layouts, args.warmup, args.steps, a2a_sent)
     if dist.get_rank() == 0:
-        print(f"machine: {machine}; torch {torch.__version__}; world {world} "
-              f"({dist.get_backend()}), fp32")
-        print(f"command: torchrun --nproc_per_node {world} -m benchmarks.moe "
-              f"{' '.join(sys.argv[1:])}")
+        print(torchrun_header(machine, "benchmarks.moe"))
         print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} "
               f"experts top-{args.top_k} of size {args.moe_intermediate_size}, vocab "
               f"{args.vocab_size}; per rank {args.batch} x {args.seq_len} tokens\n")

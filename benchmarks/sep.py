@@ -13,12 +13,12 @@ Timings on a shared machine are noisy: run it on otherwise idle cores.
 
 import argparse
 import statistics
-import sys
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import count_a2a_bytes, init_distributed, slowest_rank_seconds
+from benchmarks.common import (alternate_steps, count_a2a_bytes, init_distributed, slowest_rank_seconds,
+                               torchrun_header)
 from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel
@@ -104,21 +104,12 @@ def main() -> None:
         p.error(f"--seq_len {args.seq_len} must be divisible by the world size {world}")
     a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, sep, device) for sep in (1, world)]
-    times = {layout.name: [] for layout in layouts}
-    # Steps of the two layouts alternate, so a drift in machine load hits both alike.
-    for step in range(args.warmup + args.steps):
-        for layout in layouts:
-            a2a_sent[0] = 0
-            elapsed = layout.step()
-            assert a2a_sent[0] == layout.a2a_bytes, \
-                f"{layout.name}: all-to-all sent {a2a_sent[0]} B, formula {layout.a2a_bytes} B"
-            if step >= args.warmup:
-                times[layout.name].append(elapsed)
+    times, sent = alternate_steps(layouts, args.warmup, args.steps, a2a_sent)
+    for layout in layouts:
+        assert set(sent[layout.name]) == {layout.a2a_bytes}, \
+            f"{layout.name}: all-to-all sent {sent[layout.name]} B, formula {layout.a2a_bytes} B"
     if dist.get_rank() == 0:
-        print(f"machine: {machine}; torch {torch.__version__}; world {world} "
-              f"({dist.get_backend()}), fp32")
-        print(f"command: torchrun --nproc_per_node {world} -m benchmarks.sep "
-              f"{' '.join(sys.argv[1:])}")
+        print(torchrun_header(machine, "benchmarks.sep"))
         print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, heads "
               f"{args.num_attention_heads} (kv {args.num_key_value_heads}), vocab "
               f"{args.vocab_size}; global batch {world} x {args.seq_len} tokens\n")
