@@ -65,7 +65,8 @@ def main() -> None:
         f"| first / last train loss (nats per token) | {train[0]:.3f} / {train[-1]:.3f} |",
         f"| validation loss at the last step ({last_step}) | {last_val:.4f} nats per token |",
         f"| best validation loss (step {best_step}) | {best_val:.4f} |",
-        f"| validation tokens / characters scored | {len(tokens):,} / {chars:,} ({chars / len(tokens):.3f} chars per token) |",
+        f"| validation tokens / characters scored | {len(tokens):,} / {chars:,} "
+        f"({chars / len(tokens):.3f} chars per token) |",
         f"| bits per character (last val) | {bpc:.3f} |",
         f"| the same in nats per character | {bpc * math.log(2):.3f} |",
         "",

@@ -17,8 +17,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import (alternate_steps, count_a2a_bytes, init_distributed, slowest_rank_seconds,
-                               torchrun_header)
+from benchmarks.common import alternate_steps, count_a2a_bytes, init_distributed, slowest_rank_seconds, torchrun_header
 from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel

@@ -165,8 +165,8 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
              f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}" for s in seps)]
     for key, label in (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
                        ("optimizer", "AdamW state (fp32 m, v)")):
-        lines.append(f"  {label:<25}" + "".join(f"{states[s, True][key] / GiB:>18.3f} {states[s, False][key] / GiB:>6.3f}"
-                                                for s in seps))
+        lines.append(f"  {label:<25}" + "".join(f"{states[s, True][key] / GiB:>18.3f} "
+                                                f"{states[s, False][key] / GiB:>6.3f}" for s in seps))
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits (ZeRO-1 {'on' if zero1 else 'off'})",
               "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
