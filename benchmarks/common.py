@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: model presets, a timed training step, the machine description
 and the markdown output (printed, and appended to a doc with --append)."""
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -179,3 +180,20 @@ def torchrun_header(machine_line: str, module: str) -> str:
     world = dist.get_world_size()
     return (f"machine: {machine_line}; torch {torch.__version__}; world {world} ({dist.get_backend()}), fp32\n"
             f"command: torchrun --nproc_per_node {world} -m {module} {' '.join(sys.argv[1:])}")
+
+
+def layout_benchmark_parser(description: str, seq_len: int) -> argparse.ArgumentParser:
+    """The flags the torchrun layout benchmarks (sep, moe) share: the model's depth, width, heads and
+    vocabulary, --seq_len, the --steps timed after --warmup, and --device."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--num_layer", type=int, default=4)
+    p.add_argument("--hidden_size", type=int, default=256)
+    p.add_argument("--num_attention_heads", type=int, default=8)
+    p.add_argument("--num_key_value_heads", type=int, default=4)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--seq_len", type=int, default=seq_len)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
+    return p

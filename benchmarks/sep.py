@@ -11,13 +11,20 @@ markdown table on rank 0. Runs on CPU with gloo, or on CUDA with NCCL (one GPU p
 Timings on a shared machine are noisy: run it on otherwise idle cores.
 """
 
-import argparse
 import statistics
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import alternate_steps, count_a2a_bytes, init_distributed, slowest_rank_seconds, torchrun_header
+from benchmarks.common import (
+    alternate_steps,
+    count_a2a_bytes,
+    init_distributed,
+    layout_benchmark_parser,
+    markdown_table,
+    slowest_rank_seconds,
+    torchrun_header,
+)
 from benchmarks.common import machine as describe_machine
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel
@@ -82,18 +89,8 @@ class Layout:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_layer", type=int, default=4)
-    p.add_argument("--hidden_size", type=int, default=256)
+    p = layout_benchmark_parser(__doc__.split("\n")[0], seq_len=1024)
     p.add_argument("--intermediate_size", type=int, default=768)
-    p.add_argument("--num_attention_heads", type=int, default=8)
-    p.add_argument("--num_key_value_heads", type=int, default=4)
-    p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
     args = p.parse_args()
 
     device = init_distributed(args.device)
@@ -112,13 +109,13 @@ def main() -> None:
         print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, heads "
               f"{args.num_attention_heads} (kv {args.num_key_value_heads}), vocab "
               f"{args.vocab_size}; global batch {world} x {args.seq_len} tokens\n")
-        print("| layout | tokens per rank [B, T] | fwd+bwd median (ms) | tokens/s | "
-              "all-to-all sent per rank per step (MiB) |")
-        print("|---|---|---|---|---|")
-        for layout in layouts:
-            median = statistics.median(times[layout.name])
-            print(f"| {layout.name} | {layout.shape} | {1e3 * median:.0f} | "
-                  f"{world * args.seq_len / median:.0f} | {layout.a2a_bytes / 2**20:.2f} |")
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        print(markdown_table(
+            ["layout", "tokens per rank [B, T]", "fwd+bwd median (ms)", "tokens/s",
+             "all-to-all sent per rank per step (MiB)"],
+            [[layout.name, layout.shape, f"{1e3 * medians[layout.name]:.0f}",
+              f"{world * args.seq_len / medians[layout.name]:.0f}", f"{layout.a2a_bytes / 2**20:.2f}"]
+             for layout in layouts]))
     dist.destroy_process_group()
 
 
