@@ -1,20 +1,20 @@
 """Will it fit? Per-rank GPU memory of a run, from its config, without allocating the model:
 the library of `tinytron-plan` (tinytron/commands/plan.py).
 
-`plan` reports, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off; MoE experts split
-over the expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and the
-activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
+`plan` reports, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off; MoE experts
+split over the expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and
+the activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
 the given one; then the total of the run's own mode and the largest --batch_size that fits.
 
 Parameters, gradients and optimizer state are exact: the model is built on the meta device (no
-memory), its parameters go through the same bucket layout as `FlatBuffer` (padding included) and
-the same shard rule as ZeRO-1. Activations are what autograd saves for backward, per token, op
-by op (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
-tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels
-(O(T) memory: output and log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments per token on
-every rank). Peak also counts the transients of backward: the recomputed block(s) of activation
-checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA context
-and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
+memory), its parameters go through the same bucket layout as `FlatBuffer` (padding included) and the
+same shard rule as ZeRO-1. Activations are what autograd saves for backward, per token, op by op
+(the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
+tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T)
+memory: output and log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments
+per token on every rank). Peak also counts the transients of backward: the recomputed block(s) of
+activation checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA
+context and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
 `--usable_fraction` (0.9) of the GPU.
 """
 
