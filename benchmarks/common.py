@@ -159,10 +159,11 @@ def slowest_rank_seconds(fn, device: torch.device) -> float:
     return elapsed.item()
 
 
-def alternate_steps(layouts: list, warmup: int, steps: int, a2a_sent: list[int]) -> tuple[dict, dict]:
+def alternate_steps(layouts: list, warmup: int, steps: int) -> tuple[dict, dict]:
     """Run `warmup + steps` rounds of one `layout.step()` (seconds) per layout, the layouts in turn,
-    so that a drift in machine load hits them alike. Returns ({name: [seconds]}, {name: [bytes the
-    all-to-alls sent]}) of the steps after the warm-up; `a2a_sent` is count_a2a_bytes()'s counter."""
+    so that a drift in machine load hits them alike. Returns ({name: [seconds]}, {name: [bytes this
+    rank's all-to-alls sent to other ranks]}) of the steps after the warm-up. Call it once."""
+    a2a_sent = count_a2a_bytes()
     times = {layout.name: [] for layout in layouts}
     sent = {layout.name: [] for layout in layouts}
     for step in range(warmup + steps):
@@ -175,14 +176,16 @@ def alternate_steps(layouts: list, warmup: int, steps: int, a2a_sent: list[int])
     return times, sent
 
 
-def torchrun_header(machine_line: str, module: str) -> str:
-    """Two lines for a torchrun benchmark's output: the machine and world, and the command."""
+def layout_report(device: torch.device, module: str, model: str, header: list[str], rows: list[list]) -> str:
+    """A torchrun layout benchmark's output: the machine and world, the command, the `model`
+    line, then the markdown table of `header` and `rows`."""
     world = dist.get_world_size()
-    return (f"machine: {machine_line}; torch {torch.__version__}; world {world} ({dist.get_backend()}), fp32\n"
-            f"command: torchrun --nproc_per_node {world} -m {module} {' '.join(sys.argv[1:])}")
+    return (f"machine: {machine(device)}; torch {torch.__version__}; world {world} ({dist.get_backend()}), fp32\n"
+            f"command: torchrun --nproc_per_node {world} -m {module} {' '.join(sys.argv[1:])}\n"
+            f"model: {model}\n\n" + markdown_table(header, rows))
 
 
-def layout_benchmark_parser(description: str, seq_len: int) -> argparse.ArgumentParser:
+def layout_parser(description: str, seq_len: int) -> argparse.ArgumentParser:
     """The flags the torchrun layout benchmarks (sep, moe) share: the model's depth, width, heads and
     vocabulary, --seq_len, the --steps timed after --warmup, and --device."""
     p = argparse.ArgumentParser(description=description)

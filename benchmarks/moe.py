@@ -18,16 +18,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import (
-    alternate_steps,
-    count_a2a_bytes,
-    init_distributed,
-    layout_benchmark_parser,
-    markdown_table,
-    slowest_rank_seconds,
-    torchrun_header,
-)
-from benchmarks.common import machine as describe_machine
+from benchmarks.common import alternate_steps, init_distributed, layout_parser, layout_report, slowest_rank_seconds
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.model import GPT, ModelConfig
@@ -70,7 +61,7 @@ class Layout:
 
 
 def main() -> None:
-    p = layout_benchmark_parser(__doc__.split("\n")[0], seq_len=256)
+    p = layout_parser(__doc__.split("\n")[0], seq_len=256)
     p.add_argument("--num_experts", type=int, default=8)
     p.add_argument("--top_k", type=int, default=2)
     p.add_argument("--moe_intermediate_size", type=int, default=256)
@@ -78,18 +69,15 @@ def main() -> None:
     args = p.parse_args()
 
     device = init_distributed(args.device)
-    machine = describe_machine(device)
     world = dist.get_world_size()
-    a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, ep, device) for ep in (1, world)]
-    times, sent = alternate_steps(layouts, args.warmup, args.steps, a2a_sent)
+    times, sent = alternate_steps(layouts, args.warmup, args.steps)
     if dist.get_rank() == 0:
-        print(torchrun_header(machine, "benchmarks.moe"))
-        print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} "
-              f"experts top-{args.top_k} of size {args.moe_intermediate_size}, vocab "
-              f"{args.vocab_size}; per rank {args.batch} x {args.seq_len} tokens\n")
         medians = {name: statistics.median(t) for name, t in times.items()}
-        print(markdown_table(
+        print(layout_report(
+            device, "benchmarks.moe",
+            f"{args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} experts top-{args.top_k} of size "
+            f"{args.moe_intermediate_size}, vocab {args.vocab_size}; per rank {args.batch} x {args.seq_len} tokens",
             ["layout", "expert params per rank", "fwd+bwd median (ms)", "tokens/s per rank",
              "all-to-all sent by rank 0 per step (MiB)"],
             [[layout.name, f"{layout.expert_params / 1e6:.2f} M", f"{1e3 * medians[layout.name]:.0f}",

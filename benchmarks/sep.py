@@ -16,16 +16,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import (
-    alternate_steps,
-    count_a2a_bytes,
-    init_distributed,
-    layout_benchmark_parser,
-    markdown_table,
-    slowest_rank_seconds,
-    torchrun_header,
-)
-from benchmarks.common import machine as describe_machine
+from benchmarks.common import alternate_steps, init_distributed, layout_parser, layout_report, slowest_rank_seconds
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
@@ -89,28 +80,25 @@ class Layout:
 
 
 def main() -> None:
-    p = layout_benchmark_parser(__doc__.split("\n")[0], seq_len=1024)
+    p = layout_parser(__doc__.split("\n")[0], seq_len=1024)
     p.add_argument("--intermediate_size", type=int, default=768)
     args = p.parse_args()
 
     device = init_distributed(args.device)
-    machine = describe_machine(device)
     world = dist.get_world_size()
     if args.seq_len % world:
         p.error(f"--seq_len {args.seq_len} must be divisible by the world size {world}")
-    a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, sep, device) for sep in (1, world)]
-    times, sent = alternate_steps(layouts, args.warmup, args.steps, a2a_sent)
+    times, sent = alternate_steps(layouts, args.warmup, args.steps)
     for layout in layouts:
         assert set(sent[layout.name]) == {layout.a2a_bytes}, \
             f"{layout.name}: all-to-all sent {sent[layout.name]} B, formula {layout.a2a_bytes} B"
     if dist.get_rank() == 0:
-        print(torchrun_header(machine, "benchmarks.sep"))
-        print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, heads "
-              f"{args.num_attention_heads} (kv {args.num_key_value_heads}), vocab "
-              f"{args.vocab_size}; global batch {world} x {args.seq_len} tokens\n")
         medians = {name: statistics.median(t) for name, t in times.items()}
-        print(markdown_table(
+        print(layout_report(
+            device, "benchmarks.sep",
+            f"{args.num_layer} layers, hidden {args.hidden_size}, heads {args.num_attention_heads} "
+            f"(kv {args.num_key_value_heads}), vocab {args.vocab_size}; global batch {world} x {args.seq_len} tokens",
             ["layout", "tokens per rank [B, T]", "fwd+bwd median (ms)", "tokens/s",
              "all-to-all sent per rank per step (MiB)"],
             [[layout.name, layout.shape, f"{1e3 * medians[layout.name]:.0f}",
