@@ -10,11 +10,9 @@ import sys
 import pytest
 import torch
 
-from tinytron.model import GPT, ModelConfig
+from tests.utils import TINY_MODEL as TINY
+from tinytron.model import GPT
 from tinytron.model.gpt import Attention, cross_entropy_sum
-
-TINY = ModelConfig(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4,
-                   num_key_value_heads=2, hidden_size=32, intermediate_size=64)
 
 
 def build(cfg=TINY, seed=0) -> GPT:

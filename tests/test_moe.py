@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.dist_helper import run_distributed
+from tests.utils import max_rel as _rel
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.parallel_state import get_sep_group, get_sep_rank, initialize_parallel_state
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
@@ -25,10 +26,6 @@ from tinytron.utils import count_parameters
 
 TOL = 1e-5
 B, T_LOCAL, C, I = 2, 6, 16, 8  # C, 2I, I multiples of 4: fp32 grouped_mm needs 16-byte rows
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _config(num_experts: int = 4, top_k: int = 2, **kw) -> ModelConfig:

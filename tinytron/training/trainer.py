@@ -37,9 +37,9 @@ from tinytron.training import abort
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, resume_changes, validate_config
 from tinytron.training.metrics import MetricsLogger, check_sink_packages
-from tinytron.utils.model import count_parameters
+from tinytron.training.schedule import lr_at
+from tinytron.utils.params import count_parameters
 from tinytron.utils.profile import flops_per_token, mfu, peak_flops
-from tinytron.utils.training import lr_at
 
 
 class TrainingError(RuntimeError):
@@ -196,7 +196,7 @@ class Trainer:
             if cfg.model.use_moe:
                 apply_expert_parallel(model, ps.get_ep_group())
         if cfg.training.init_from_hf:  # continued pre-training; a resumed checkpoint still wins
-            from tinytron.interop.hf import init_from_hf  # lazy: transformers stays optional
+            from tinytron.training.weights import init_from_hf  # lazy: transformers stays optional
             try:  # after the expert split: each rank copies its own experts' slice
                 init_from_hf(model, cfg.training.init_from_hf)
             except ValueError as e:
