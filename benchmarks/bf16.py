@@ -66,7 +66,8 @@ def main() -> None:
             ["last 10 steps, max", f"{dloss[-10:].max():.2e}", f"{rel_norm[-10:].max():.2%}"]]
     if args.moe:
         daux = np.abs(bf16[:, 1] - fp32[:, 1])
-        rows = [row + [f] for row, f in zip(rows, (f"{daux.max():.2e}", f"{daux.mean():.2e}", f"{daux[-10:].max():.2e}"))]
+        aux = (f"{daux.max():.2e}", f"{daux.mean():.2e}", f"{daux[-10:].max():.2e}")
+        rows = [row + [f] for row, f in zip(rows, aux)]
     header = ["abs(bf16 - fp32)", "train loss", "grad norm (relative)"] + (["aux loss"] if args.moe else [])
     body = (f"{'MoE (4 experts, top-2)' if args.moe else 'Dense'} model, 2 layers, hidden 128, Tiny Shakespeare, "
             f"{len(fp32)} steps of 16 x 128 tokens. Train loss fp32 {fp32[0, 0]:.4f} -> {fp32[-1, 0]:.4f}, "

@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: model presets, a timed training step, the machine description
 and the markdown output (printed, and appended to a doc with --append)."""
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -8,8 +9,8 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -155,3 +156,46 @@ def slowest_rank_seconds(fn, device: torch.device) -> float:
     elapsed = torch.tensor([time.perf_counter() - t0], device=device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
+
+
+def alternate_steps(layouts: list, warmup: int, steps: int) -> tuple[dict, dict]:
+    """Run `warmup + steps` rounds of one `layout.step()` (seconds) per layout, the layouts in turn,
+    so that a drift in machine load hits them alike. Returns ({name: [seconds]}, {name: [bytes this
+    rank's all-to-alls sent to other ranks]}) of the steps after the warm-up. Call it once."""
+    a2a_sent = count_a2a_bytes()
+    times = {layout.name: [] for layout in layouts}
+    sent = {layout.name: [] for layout in layouts}
+    for step in range(warmup + steps):
+        for layout in layouts:
+            a2a_sent[0] = 0
+            elapsed = layout.step()
+            if step >= warmup:
+                times[layout.name].append(elapsed)
+                sent[layout.name].append(a2a_sent[0])
+    return times, sent
+
+
+def layout_report(device: torch.device, module: str, model: str, header: list[str], rows: list[list]) -> str:
+    """A torchrun layout benchmark's output: the machine and world, the command, the `model`
+    line, then the markdown table of `header` and `rows`."""
+    world = dist.get_world_size()
+    return (f"machine: {machine(device)}; torch {torch.__version__}; world {world} ({dist.get_backend()}), fp32\n"
+            f"command: torchrun --nproc_per_node {world} -m {module} {' '.join(sys.argv[1:])}\n"
+            f"model: {model}\n\n" + markdown_table(header, rows))
+
+
+def layout_parser(description: str, seq_len: int) -> argparse.ArgumentParser:
+    """The flags the torchrun layout benchmarks (sep, moe) share: the model's depth, width, heads and
+    vocabulary, --seq_len, the --steps timed after --warmup, and --device."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--num_layer", type=int, default=4)
+    p.add_argument("--hidden_size", type=int, default=256)
+    p.add_argument("--num_attention_heads", type=int, default=8)
+    p.add_argument("--num_key_value_heads", type=int, default=4)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--seq_len", type=int, default=seq_len)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
+    return p

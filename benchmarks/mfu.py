@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, report
 from tinytron.model import GPT, ModelConfig
-from tinytron.utils.profile import flops_per_token, mfu, model_flop_counter, peak_flops
+from tinytron.utils.profile import counted_flops_per_token, flops_per_token, mfu, model_flop_counter, peak_flops
 
 _SMALL = dict(vocab_size=2048, num_layer=2, hidden_size=256, num_attention_heads=8, intermediate_size=688)
 CHECKS = [  # (name, config, seq_len, batch, device)
@@ -41,26 +41,12 @@ CHECKS = [  # (name, config, seq_len, batch, device)
 ]
 
 
-def counted_flops_per_token(config: ModelConfig, seq_len: int, batch: int, device: str,
-                            counter: FlopCounterMode) -> float:
-    """FLOPs `counter` sees in one forward + backward (loss = our mean token cross-entropy + aux)
-    of GPT(config) on `batch` random sequences of `seq_len` tokens, per token."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(dataclasses.replace(config, block_size=seq_len))
-        data = torch.randint(config.vocab_size, (batch, seq_len + 1))
-    with counter:
-        _, loss = model(data[:, :-1], data[:, 1:])
-        loss.backward()
-    return counter.get_total_flops() / (batch * seq_len)
-
-
 def check_table() -> str:
     rows = []
     for name, config, seq_len, batch, device in CHECKS:
         causal, full = flops_per_token(config, seq_len), flops_per_token(config, seq_len, causal=False)
-        counted = counted_flops_per_token(config, seq_len, batch, device, model_flop_counter())
-        plain = counted_flops_per_token(config, seq_len, batch, device, FlopCounterMode(display=False))
+        counted = counted_flops_per_token(config, seq_len, batch, model_flop_counter(), device)
+        plain = counted_flops_per_token(config, seq_len, batch, FlopCounterMode(display=False), device)
         rows.append([name, seq_len, f"{causal / 1e6:,.2f}", f"{full / 1e6:,.2f}", f"{counted / 1e6:,.2f}",
                      f"{counted / full - 1:+.2e}", f"{plain / 1e6:,.2f}", f"{1 - causal / full:.1%}"])
     return markdown_table(

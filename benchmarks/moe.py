@@ -13,19 +13,16 @@ Runs on CPU with gloo, or on CUDA with NCCL (one GPU per process). Timings on a 
 noisy: run it on otherwise idle cores.
 """
 
-import argparse
 import statistics
-import sys
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import count_a2a_bytes, init_distributed, slowest_rank_seconds
-from benchmarks.common import machine as describe_machine
+from benchmarks.common import alternate_steps, init_distributed, layout_parser, layout_report, slowest_rank_seconds
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import cross_entropy_sum
+from tinytron.model.gpt import cross_entropy_sum
 
 
 class Layout:
@@ -57,61 +54,35 @@ class Layout:
         self.model.zero_grad(set_to_none=True)
 
         def fwd_bwd():
-            logits = self.model(self.idx)
-            (cross_entropy_sum(logits, self.targets) / self.num_tokens + self.model.aux_loss()).backward()
+            out = self.model(self.idx, return_aux=True)
+            (cross_entropy_sum(out.logits, self.targets) / self.num_tokens + out.aux_loss).backward()
 
         return slowest_rank_seconds(fwd_bwd, self.device)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_layer", type=int, default=4)
-    p.add_argument("--hidden_size", type=int, default=256)
-    p.add_argument("--num_attention_heads", type=int, default=8)
-    p.add_argument("--num_key_value_heads", type=int, default=4)
+    p = layout_parser(__doc__.split("\n")[0], seq_len=256)
     p.add_argument("--num_experts", type=int, default=8)
     p.add_argument("--top_k", type=int, default=2)
     p.add_argument("--moe_intermediate_size", type=int, default=256)
-    p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
     args = p.parse_args()
 
     device = init_distributed(args.device)
-    machine = describe_machine(device)
     world = dist.get_world_size()
-    a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, ep, device) for ep in (1, world)]
-    times = {layout.name: [] for layout in layouts}
-    sent = {layout.name: [] for layout in layouts}
-    # Steps of the two layouts alternate, so a drift in machine load hits both alike.
-    for step in range(args.warmup + args.steps):
-        for layout in layouts:
-            a2a_sent[0] = 0
-            elapsed = layout.step()
-            if step >= args.warmup:
-                times[layout.name].append(elapsed)
-                sent[layout.name].append(a2a_sent[0])
+    times, sent = alternate_steps(layouts, args.warmup, args.steps)
     if dist.get_rank() == 0:
-        print(f"machine: {machine}; torch {torch.__version__}; world {world} "
-              f"({dist.get_backend()}), fp32")
-        print(f"command: torchrun --nproc_per_node {world} -m benchmarks.moe "
-              f"{' '.join(sys.argv[1:])}")
-        print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} "
-              f"experts top-{args.top_k} of size {args.moe_intermediate_size}, vocab "
-              f"{args.vocab_size}; per rank {args.batch} x {args.seq_len} tokens\n")
-        print("| layout | expert params per rank | fwd+bwd median (ms) | tokens/s per rank | "
-              "all-to-all sent by rank 0 per step (MiB) |")
-        print("|---|---|---|---|---|")
-        for layout in layouts:
-            median = statistics.median(times[layout.name])
-            print(f"| {layout.name} | {layout.expert_params / 1e6:.2f} M | {1e3 * median:.0f} | "
-                  f"{layout.num_tokens / median:.0f} | "
-                  f"{statistics.mean(sent[layout.name]) / 2**20:.2f} |")
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        print(layout_report(
+            device, "benchmarks.moe",
+            f"{args.num_layer} layers, hidden {args.hidden_size}, {args.num_experts} experts top-{args.top_k} of size "
+            f"{args.moe_intermediate_size}, vocab {args.vocab_size}; per rank {args.batch} x {args.seq_len} tokens",
+            ["layout", "expert params per rank", "fwd+bwd median (ms)", "tokens/s per rank",
+             "all-to-all sent by rank 0 per step (MiB)"],
+            [[layout.name, f"{layout.expert_params / 1e6:.2f} M", f"{1e3 * medians[layout.name]:.0f}",
+              f"{layout.num_tokens / medians[layout.name]:.0f}",
+              f"{statistics.mean(sent[layout.name]) / 2**20:.2f}"] for layout in layouts]))
     dist.destroy_process_group()
 
 

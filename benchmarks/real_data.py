@@ -1,5 +1,5 @@
 """The real-data result: a finished `scripts/example_cpu/pretrain.sh` run -> figures, a loss-curve
-PNG (made by `tinytron.plot`) and a generated sample, appended to docs/benchmarks.md.
+PNG (made by `tinytron-plot`) and a generated sample, appended to docs/benchmarks.md.
 
     python -m benchmarks.real_data RUN_DIR --png docs/example_cpu_curves.png [--append docs/benchmarks.md]
 
@@ -13,9 +13,9 @@ import json
 import math
 import os
 
+from tinytron.commands.generate import generate_text, load_generator
+from tinytron.commands.plot import plot_runs, read_metrics
 from tinytron.data import TokenWindowDataset
-from tinytron.generate import generate_text, load_generator
-from tinytron.plot import plot_runs, read_metrics
 
 
 def main() -> None:
@@ -65,16 +65,17 @@ def main() -> None:
         f"| first / last train loss (nats per token) | {train[0]:.3f} / {train[-1]:.3f} |",
         f"| validation loss at the last step ({last_step}) | {last_val:.4f} nats per token |",
         f"| best validation loss (step {best_step}) | {best_val:.4f} |",
-        f"| validation tokens / characters scored | {len(tokens):,} / {chars:,} ({chars / len(tokens):.3f} chars per token) |",
+        f"| validation tokens / characters scored | {len(tokens):,} / {chars:,} "
+        f"({chars / len(tokens):.3f} chars per token) |",
         f"| bits per character (last val) | {bpc:.3f} |",
         f"| the same in nats per character | {bpc * math.log(2):.3f} |",
         "",
         "For scale: nanoGPT's character-level Shakespeare on CPU reaches ~1.88 val loss, in nats per",
         f"character ({1.88 / math.log(2):.2f} bits per character); a per-token loss is not comparable.",
         "",
-        f"Loss curve (`python -m tinytron.plot {args.run_dir} --out {args.png}`): ![curves]({os.path.relpath(args.png, 'docs')})",
+        f"Loss curve (`tinytron-plot {args.run_dir} --out {args.png}`): ![curves]({os.path.relpath(args.png, 'docs')})",
         "",
-        f"Sample (`python -m tinytron.generate --checkpoint {args.run_dir} --prompt \"{args.prompt}\" "
+        f"Sample (`tinytron-generate --checkpoint {args.run_dir} --prompt \"{args.prompt}\" "
         "--max_new_tokens 150 --temperature 0.8 --top_k 50 --top_p 0.95 --seed 0 --device cpu`):",
         "", "```", args.prompt + sample, "```", ""])
     text = f"## Real data: Tiny Shakespeare on CPU\n\n{body}\n"

@@ -61,7 +61,7 @@ def main() -> None:
         rows.append(["blend of 3 corpora", f"{n:.0e}", f"{us:,.0f}", f"{peak:,}"])
     for n in (10**6, 10**7):
         steps = np.linspace(0, n // G - 1, 3).astype(np.int64).tolist()
-        us, peak = measure(lambda s: full_permutation_indices(n, G, 42, s), steps)
+        us, peak = measure(lambda s, n=n: full_permutation_indices(n, G, 42, s), steps)
         rows.append(["full permutation (before)", f"{n:.0e}", f"{us:,.0f}", f"{peak:,}"])
     body = (f"Global batch G = {G} sequences; one call = the indices of one optimizer step; "
             f"1-minute load average {os.getloadavg()[0]:.1f} (other processes share the cores).\n\n"

@@ -11,20 +11,17 @@ markdown table on rank 0. Runs on CPU with gloo, or on CUDA with NCCL (one GPU p
 Timings on a shared machine are noisy: run it on otherwise idle cores.
 """
 
-import argparse
 import statistics
-import sys
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import count_a2a_bytes, init_distributed, slowest_rank_seconds
-from benchmarks.common import machine as describe_machine
+from benchmarks.common import alternate_steps, init_distributed, layout_parser, layout_report, slowest_rank_seconds
 from tinytron.distributed import parallel_state as ps
-from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import cross_entropy_sum
+from tinytron.model.gpt import cross_entropy_sum
 
 
 def a2a_bytes_per_step(config: ModelConfig, batch: int, local_len: int, sep: int,
@@ -62,10 +59,8 @@ class Layout:
         # Sequences of this DP rank; this SEP rank's chunk of them, at its global positions.
         g = torch.Generator().manual_seed(state.dp_rank)
         tokens = torch.randint(self.config.vocab_size, (batch, args.seq_len + 1), generator=g)
-        start = state.sep_rank * local_len
-        self.idx = tokens[:, start:start + local_len].to(device)
-        self.targets = tokens[:, start + 1:start + local_len + 1].to(device)
-        self.position_ids = torch.arange(start, start + local_len, device=device)[None]
+        self.idx, self.targets, self.position_ids = (
+            t.to(device) for t in sequence_chunk(tokens[:, :-1], tokens[:, 1:], state.sep_rank, sep))
         self.total_tokens = batch * args.seq_len
         self.device = device
         self.name = f"dp {state.dp_size} x sep {sep}"
@@ -83,52 +78,30 @@ class Layout:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_layer", type=int, default=4)
-    p.add_argument("--hidden_size", type=int, default=256)
+    p = layout_parser(__doc__.split("\n")[0], seq_len=1024)
     p.add_argument("--intermediate_size", type=int, default=768)
-    p.add_argument("--num_attention_heads", type=int, default=8)
-    p.add_argument("--num_key_value_heads", type=int, default=4)
-    p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda (NCCL, one GPU per process) if available, else cpu (gloo)")
     args = p.parse_args()
 
     device = init_distributed(args.device)
-    machine = describe_machine(device)
     world = dist.get_world_size()
     if args.seq_len % world:
         p.error(f"--seq_len {args.seq_len} must be divisible by the world size {world}")
-    a2a_sent = count_a2a_bytes()
     layouts = [Layout(args, sep, device) for sep in (1, world)]
-    times = {layout.name: [] for layout in layouts}
-    # Steps of the two layouts alternate, so a drift in machine load hits both alike.
-    for step in range(args.warmup + args.steps):
-        for layout in layouts:
-            a2a_sent[0] = 0
-            elapsed = layout.step()
-            assert a2a_sent[0] == layout.a2a_bytes, \
-                f"{layout.name}: all-to-all sent {a2a_sent[0]} B, formula {layout.a2a_bytes} B"
-            if step >= args.warmup:
-                times[layout.name].append(elapsed)
+    times, sent = alternate_steps(layouts, args.warmup, args.steps)
+    for layout in layouts:
+        assert set(sent[layout.name]) == {layout.a2a_bytes}, \
+            f"{layout.name}: all-to-all sent {sent[layout.name]} B, formula {layout.a2a_bytes} B"
     if dist.get_rank() == 0:
-        print(f"machine: {machine}; torch {torch.__version__}; world {world} "
-              f"({dist.get_backend()}), fp32")
-        print(f"command: torchrun --nproc_per_node {world} -m benchmarks.sep "
-              f"{' '.join(sys.argv[1:])}")
-        print(f"model: {args.num_layer} layers, hidden {args.hidden_size}, heads "
-              f"{args.num_attention_heads} (kv {args.num_key_value_heads}), vocab "
-              f"{args.vocab_size}; global batch {world} x {args.seq_len} tokens\n")
-        print("| layout | tokens per rank [B, T] | fwd+bwd median (ms) | tokens/s | "
-              "all-to-all sent per rank per step (MiB) |")
-        print("|---|---|---|---|---|")
-        for layout in layouts:
-            median = statistics.median(times[layout.name])
-            print(f"| {layout.name} | {layout.shape} | {1e3 * median:.0f} | "
-                  f"{world * args.seq_len / median:.0f} | {layout.a2a_bytes / 2**20:.2f} |")
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        print(layout_report(
+            device, "benchmarks.sep",
+            f"{args.num_layer} layers, hidden {args.hidden_size}, heads {args.num_attention_heads} "
+            f"(kv {args.num_key_value_heads}), vocab {args.vocab_size}; global batch {world} x {args.seq_len} tokens",
+            ["layout", "tokens per rank [B, T]", "fwd+bwd median (ms)", "tokens/s",
+             "all-to-all sent per rank per step (MiB)"],
+            [[layout.name, layout.shape, f"{1e3 * medians[layout.name]:.0f}",
+              f"{world * args.seq_len / medians[layout.name]:.0f}", f"{layout.a2a_bytes / 2**20:.2f}"]
+             for layout in layouts]))
     dist.destroy_process_group()
 
 

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, report
 from tinytron.interop.hf import to_hf_model
 from tinytron.model import GPT
-from tinytron.model.modules.loss import cross_entropy_loss
+from tinytron.model.gpt import cross_entropy_loss
 
 OURS, HF = "Tinytron GPT", "HF LlamaForCausalLM"
 

@@ -276,8 +276,8 @@ class NaNTrainer(Trainer):
     nan_steps = range(0)
 
     def _forward_loss(self, batch):
-        lm, aux = super()._forward_loss(batch)
-        return (lm * float("nan") if self.step in self.nan_steps else lm), aux
+        lm, aux, expert_load = super()._forward_loss(batch)
+        return (lm * float("nan") if self.step in self.nan_steps else lm), aux, expert_load
 
 
 class SnapshotNaNTrainer(NaNTrainer):

@@ -13,9 +13,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import tinytron.data.tokenize as tokenize_mod
+from tests.dist_helper import run_distributed
+from tinytron.commands.tokenize import main as tokenize_main
 from tinytron.data import TokenWindowDataset, prepare_token_shards, prepare_token_shards_distributed
 from tinytron.data.tokenize import INDEX_FILE, TOKENS_FILE, token_dtype
-from tests.dist_helper import run_distributed
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare"
 CORPUS, TOKENIZER = SHAKESPEARE / "input.txt", SHAKESPEARE / "tokenizer"
@@ -211,3 +212,18 @@ def test_full_tiny_shakespeare(tmp_path, reference):
     # The whole file is one document: the tokenizer's 344,104 tokens (shared/data/README.md) + EOS.
     assert index["num_tokens"] == 344_104 + 1 and tokens[-1] == EOS
     assert tokens.tolist() == reference(CORPUS.read_text()) + [EOS]
+
+
+def test_tokenize_command(tmp_path, docs, capsys):
+    """tinytron-tokenize prints the folder prepare_token_shards returns with the same defaults
+    (--val_fraction included: the library call is a cache hit); a bad path is one line, exit 2."""
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", docs[:1]))
+    tokenize_main(["--dataset", corpus, "--tokenizer", str(TOKENIZER), "--cache_dir", str(tmp_path / "cache"),
+                   "--num_proc", "1"])
+    assert capsys.readouterr().out.strip() == str(prepare_token_shards(corpus, str(TOKENIZER), tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    with pytest.raises(SystemExit) as exit_:
+        tokenize_main(["--dataset", str(tmp_path / "nowhere.jsonl"), "--tokenizer", str(TOKENIZER),
+                       "--cache_dir", str(tmp_path / "cache")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --dataset")

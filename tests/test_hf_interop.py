@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tinytron.export import main as export_main
-from tinytron.generate import generate_text, load_generator
-from tinytron.generate import main as generate_main
-from tinytron.interop.hf import export_hf, init_from_hf, load_hf
+from tests.utils import tiny_model_config
+from tinytron.commands.export import main as export_main
+from tinytron.commands.generate import generate_text, load_generator
+from tinytron.commands.generate import main as generate_main
+from tinytron.interop.hf import export_hf, load_hf
 from tinytron.model import GPT, ModelConfig
+from tinytron.training.weights import init_from_hf
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "data" / "tinyshakespeare" / "tokenizer"
@@ -27,8 +29,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # the same fp32 math in another order: max |diff| measured <= 6e-7 for |logits| <= 4 (2-3 ulp);
 # LOGITS_RTOL * max |logits| leaves a few ulp of room.
 LOGITS_RTOL = 1e-6
-BASE = dict(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4, hidden_size=32,
-            intermediate_size=48, init_std=0.1, rope_theta=500.0, norm_eps=1e-5)
+BASE = dict(intermediate_size=48, init_std=0.1, rope_theta=500.0, norm_eps=1e-5)  # on top of TINY_MODEL
 MOE = dict(use_moe=True, num_experts=4, moe_intermediate_size=24)
 CASES = {
     "mha_untied": dict(num_key_value_heads=4, tied_lm_head=False),
@@ -61,19 +62,20 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_logits_parity_and_round_trip(case, tmp_path):
-    cfg = ModelConfig(**BASE, **CASES[case])
+    cfg = tiny_model_config(**BASE, **CASES[case])
     model = build(cfg)
     export_hf(model, cfg, str(tmp_path))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(hf).__name__ == ("MixtralForCausalLM" if cfg.use_moe else "LlamaForCausalLM")
     idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, theirs = model(idx), hf(idx).logits
+        out, theirs = model(idx, return_aux=True), hf(idx).logits
+    ours = out.logits
     assert ours.abs().max() > 1.0  # the tolerance below is meaningful
     assert (ours - theirs).abs().max() <= LOGITS_RTOL * ours.abs().max()
     if cfg.use_moe:  # routing really spread tokens over experts
-        for layer in model.layers:
-            assert (layer.mlp.expert_load > 0).sum() > 1
+        for layer_load in out.expert_load:
+            assert (layer_load > 0).sum() > 1
 
     back, back_cfg = load_hf(str(tmp_path))
     assert_same_state(model.state_dict(), back.state_dict())
@@ -86,7 +88,7 @@ def test_logits_parity_and_round_trip(case, tmp_path):
 def test_bf16_sharded_moe_export(tmp_path):
     """bf16 export split into many shards (Mixtral's per-expert on-disk layout): transformers and
     load_hf both read back exactly the bf16-rounded weights."""
-    cfg = ModelConfig(**BASE, **CASES["moe_top2"])
+    cfg = tiny_model_config(**BASE, **CASES["moe_top2"])
     model = build(cfg)
     export_hf(model, cfg, str(tmp_path), dtype=torch.bfloat16, max_shard_size="20KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -110,12 +112,11 @@ def _aux_losses(cfg: ModelConfig, idx: torch.Tensor, tmp_path) -> tuple[float, f
     export_hf(model, cfg, str(tmp_path))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
-        model(idx)
-        ours = model.aux_loss()
+        _, ours, expert_load = model(idx, return_aux=True)
         out = hf(idx, output_router_logits=True)
         # README: coef * k * E * sum_i fbar_i * Pbar_i, means over all layers and all tokens.
         E, k = cfg.num_experts, cfg.num_experts_per_tok
-        load = torch.stack([layer.mlp.expert_load for layer in model.layers]).sum(0)
+        load = expert_load.sum(0)
         probs = torch.cat([logits.softmax(-1) for logits in out.router_logits])
         fbar = load / load.sum()
         formula = hf.config.router_aux_loss_coef * k * E * (fbar * probs.mean(0)).sum()
@@ -127,7 +128,7 @@ def test_exported_load_balancing_strength(top_k, tmp_path):
     """transformers' Mixtral loss on the same routing: exactly ours for one layer and one
     sequence; for more layers and sequences it is the README's formula (all-layer, whole-batch
     statistics), which differs from ours; under uniform routing (zero router) both are alpha * L."""
-    cfg = ModelConfig(**{**BASE, "num_layer": 1}, **CASES["moe_top2"], moe_aux_loss_coeff=0.05)
+    cfg = tiny_model_config(**{**BASE, "num_layer": 1}, **CASES["moe_top2"], moe_aux_loss_coeff=0.05)
     cfg = dataclasses.replace(cfg, num_experts_per_tok=top_k)
     idx = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     ours, theirs, _ = _aux_losses(cfg, idx, tmp_path / "one")
@@ -145,15 +146,15 @@ def test_exported_load_balancing_strength(top_k, tmp_path):
     export_hf(model, cfg, str(tmp_path / "uniform"))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "uniform")).eval()
     with torch.no_grad():
-        model(idx)
+        ours = model(idx, return_aux=True).aux_loss
         theirs = hf.config.router_aux_loss_coef * hf(idx, output_router_logits=True).aux_loss
-    assert abs(model.aux_loss().item() - 0.05 * 3) <= 1e-6 and abs(theirs.item() - 0.05 * 3) <= 1e-6
+    assert abs(ours.item() - 0.05 * 3) <= 1e-6 and abs(theirs.item() - 0.05 * 3) <= 1e-6
     assert load_hf(str(tmp_path / "uniform"))[1].moe_aux_loss_coeff == pytest.approx(0.05, rel=1e-12)
 
 
 @pytest.mark.parametrize("case", ["gqa_tied", "moe_top2"])
 def test_init_from_hf(case, tmp_path):
-    cfg = ModelConfig(**BASE, **CASES[case])
+    cfg = tiny_model_config(**BASE, **CASES[case])
     source = build(cfg, seed=0)
     export_hf(source, cfg, str(tmp_path))
     # block_size, dropout and init do not change the function: they may differ.
@@ -196,7 +197,7 @@ def _edit_weights(path: Path, fn) -> None:
      "unexpected tensor model.layers.0.self_attn.q_norm.weight"),
 ])
 def test_import_refusals(edit, message, tmp_path):
-    cfg = ModelConfig(**BASE, **CASES["gqa_tied"])
+    cfg = tiny_model_config(**BASE, **CASES["gqa_tied"])
     export_hf(build(cfg), cfg, str(tmp_path))
     edit(tmp_path)
     with pytest.raises(ValueError, match=message) as err:
@@ -225,12 +226,12 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_cli_export_and_generate(tmp_path, capsys):
     """A checkpoint in the Trainer's older format (model.pt; the sharded format is exported in
-    test_sep2_checkpoint_exports_like_sep1) -> `python -m tinytron.export` -> a folder that
-    transformers loads (model and tokenizer) -> `python -m tinytron.generate` prints the greedy
+    test_sep2_checkpoint_exports_like_sep1) -> `python -m tinytron.commands.export` -> a folder that
+    transformers loads (model and tokenizer) -> `python -m tinytron.commands.generate` prints the greedy
     continuation our own model computes, from the HF folder and from the checkpoint alike. (Two
     real subprocesses; the other command lines run in-process through the same `main`, since each
     subprocess pays ~5 s of importing transformers.)"""
-    cfg = ModelConfig(**{**BASE, "vocab_size": 4096}, **CASES["gqa_tied"])
+    cfg = tiny_model_config(**{**BASE, "vocab_size": 4096}, **CASES["gqa_tied"])
     model = build(cfg)
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_00000010"
@@ -241,7 +242,7 @@ def test_cli_export_and_generate(tmp_path, capsys):
     (run / "checkpoints" / "step_00000020").mkdir()  # newer but incomplete: must be ignored
 
     out = tmp_path / "hf"
-    r = _cli("tinytron.export", "--checkpoint", str(run), "--out", str(out), "--tokenizer", str(TOKENIZER))
+    r = _cli("tinytron.commands.export", "--checkpoint", str(run), "--out", str(out), "--tokenizer", str(TOKENIZER))
     assert r.returncode == 0, r.stderr
     assert "exported step 10" in r.stdout
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -253,7 +254,7 @@ def test_cli_export_and_generate(tmp_path, capsys):
     expected = prompt + tokenizer.decode(_greedy(model, tokenizer(prompt).input_ids, 8, 0),
                                          skip_special_tokens=True)
     args = ["--prompt", prompt, "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"]
-    r = _cli("tinytron.generate", "--checkpoint", str(out), *args)
+    r = _cli("tinytron.commands.generate", "--checkpoint", str(out), *args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == expected
     generate_main(["--checkpoint", str(step), "--tokenizer", str(TOKENIZER), *args])
@@ -267,7 +268,7 @@ def test_cli_export_and_generate(tmp_path, capsys):
 
 
 def test_generate_text_sampling_is_seeded():
-    cfg = ModelConfig(**{**BASE, "vocab_size": 4096}, **CASES["moe_top2"])
+    cfg = tiny_model_config(**{**BASE, "vocab_size": 4096}, **CASES["moe_top2"])
     hf, tokenizer = load_generator(build(cfg), str(TOKENIZER), device="cpu")
     rng = torch.get_rng_state()
     a = generate_text(hf, tokenizer, "To be", max_new_tokens=12, seed=3)

@@ -31,7 +31,7 @@ from tinytron.model import GPT
 from tinytron.training import Trainer
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.metrics import METRICS_FILE, read_records
-from tinytron.utils.training import lr_at
+from tinytron.training.schedule import lr_at
 
 EVERY_2 = ["--save_every_steps", "2"]
 DEFAULT_WORKERS = ["--num_workers", "2"]  # the default; TINY_FLAGS set 0 for in-process runs

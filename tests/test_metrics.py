@@ -146,7 +146,7 @@ def _write_run(run_dir, n: int, scale: float) -> None:
 
 def test_plot(tmp_path):
     import matplotlib.image
-    from tinytron.plot import DPI, FIGSIZE, plot_runs
+    from tinytron.commands.plot import DPI, FIGSIZE, plot_runs
     _write_run(tmp_path / "run_a", 20, 1.0)
     _write_run(tmp_path / "run_b", 12, 1.5)
     for x in ("step", "tokens"):
@@ -157,7 +157,7 @@ def test_plot(tmp_path):
         assert image[..., :3].std() > 0  # something was drawn
     # the CLI: a folder without metrics.jsonl is one line on stderr and exit code 2
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-m", "tinytron.plot", str(tmp_path / "run_a"),
+    result = subprocess.run([sys.executable, "-m", "tinytron.commands.plot", str(tmp_path / "run_a"),
                              str(tmp_path / "empty"), "--out", str(tmp_path / "bad.png")],
                             capture_output=True, text=True)
     assert result.returncode == 2

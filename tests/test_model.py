@@ -1,17 +1,18 @@
 """Model-level tests: shapes, causality, GQA vs MHA, RoPE positions, config validation. No
 process group anywhere: the model must work as a plain library."""
 
+import ast
 import dataclasses
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.attn import Attention
-from tinytron.model.modules.loss import cross_entropy_sum
-
-TINY = ModelConfig(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4,
-                   num_key_value_heads=2, hidden_size=32, intermediate_size=64)
+from tests.utils import TINY_MODEL as TINY
+from tinytron.model import GPT
+from tinytron.model.gpt import Attention, cross_entropy_sum
 
 
 def build(cfg=TINY, seed=0) -> GPT:
@@ -115,11 +116,11 @@ def test_fp32_parts_under_bf16_autocast():
     torch.testing.assert_close(cos, torch.cat((angles, angles), -1).cos().float(), rtol=0, atol=1e-6)
 
     moe = model.layers[0].mlp  # routing statistics depend only on the router's logits
-    moe(x)
-    aux, load = moe.aux_loss, moe.expert_load
+    _, (aux, load) = moe(x)
     with autocast():
-        assert moe(x).dtype == torch.bfloat16  # the experts ran in bf16
-    assert torch.equal(moe.aux_loss, aux) and torch.equal(moe.expert_load, load)
+        out, stats = moe(x)
+    assert out.dtype == torch.bfloat16  # the experts ran in bf16
+    assert torch.equal(stats.aux_loss, aux) and torch.equal(stats.expert_load, load)
 
     logits = torch.randn(2, 16, cfg.vocab_size, generator=g).bfloat16()
     targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
@@ -155,3 +156,24 @@ def test_init_is_seeded_and_residual_scaled():
     std = a.layers[0].mlp.down_proj.weight.std().item()
     assert abs(std - TINY.init_std / (2 * TINY.num_layer) ** 0.5) < 0.003
     assert a.lm_head.weight is a.embed.weight
+
+
+def test_model_imports_no_parallelism():
+    """The model knows nothing of parallelism (tinytron.distributed wraps its submodules from
+    outside): no module of tinytron.model imports torch.distributed or tinytron.distributed, and
+    importing the package loads neither of them."""
+    package = pathlib.Path(__file__).parents[1] / "tinytron" / "model"
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("torch.distributed", "tinytron.distributed")) for n in names), \
+                f"{path.name}:{node.lineno} imports {names}"
+    code = ("import sys, tinytron.model; "
+            "print(sorted(m for m in sys.modules if m.startswith('tinytron.distributed')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -15,21 +15,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.dist_helper import run_distributed
+from tests.utils import max_rel as _rel
 from tinytron.distributed.expert_parallel import apply_expert_parallel
-from tinytron.distributed.parallel_state import (get_sep_group, get_sep_rank,
-                                                 initialize_parallel_state)
-from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.parallel_state import get_sep_group, get_sep_rank, initialize_parallel_state
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import cross_entropy_sum
-from tinytron.model.modules.mlp import MoE, swiglu_experts_grouped, swiglu_experts_looped
+from tinytron.model.gpt import cross_entropy_sum
+from tinytron.model.moe import MoE, swiglu_experts_grouped, swiglu_experts_looped
 from tinytron.utils import count_parameters
 
 TOL = 1e-5
 B, T_LOCAL, C, I = 2, 6, 16, 8  # C, 2I, I multiples of 4: fp32 grouped_mm needs 16-byte rows
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _config(num_experts: int = 4, top_k: int = 2, **kw) -> ModelConfig:
@@ -95,12 +91,12 @@ def test_moe_matches_naive_reference(top_k, softmax_before_topk):
     x, g = _inputs(2)
     layer, naive = _layer(config), _layer(config)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = layer(xa)
+    out, stats = layer(xa)
     ref, ref_aux, ref_counts = _naive_moe(naive, xb, config)
     assert _rel(out.reshape(-1, C), ref) < TOL
-    assert abs(layer.aux_loss.item() - ref_aux.item()) < TOL * abs(ref_aux.item())
-    assert torch.equal(layer.expert_load, ref_counts.long())
-    ((out * g).sum() + layer.aux_loss).backward()
+    assert abs(stats.aux_loss.item() - ref_aux.item()) < TOL * abs(ref_aux.item())
+    assert torch.equal(stats.expert_load, ref_counts.long())
+    ((out * g).sum() + stats.aux_loss).backward()
     ((ref * g.reshape(-1, C)).sum() + ref_aux).backward()
     assert _rel(xa.grad, xb.grad) < TOL
     for name in ("router.weight", "gate_up_proj", "down_proj"):
@@ -171,28 +167,28 @@ def _ep_case(config: ModelConfig, starve: range) -> dict:
 
     ref = _layer(config, starve)
     x_ref = x.clone().requires_grad_()
-    out_ref = ref(x_ref)
-    aux_grad_ref, = torch.autograd.grad(ref.aux_loss, ref.router.weight, retain_graph=True)
-    ((out_ref * g).sum() + ref.aux_loss).backward()
+    out_ref, ref_stats = ref(x_ref)
+    aux_grad_ref, = torch.autograd.grad(ref_stats.aux_loss, ref.router.weight, retain_graph=True)
+    ((out_ref * g).sum() + ref_stats.aux_loss).backward()
 
     layer = _layer(config, starve)
     apply_expert_parallel(layer, group)
     x_ep = x[:, chunk].clone().requires_grad_()
-    out = layer(x_ep)
-    aux = layer.aux_loss.detach().clone()
+    out, stats = layer(x_ep)
+    aux = stats.aux_loss.detach().clone()
     dist.all_reduce(aux, group=group)  # each rank holds its share: the sum is the layer's loss
-    aux_grad, = torch.autograd.grad(layer.aux_loss, layer.router.weight, retain_graph=True)
+    aux_grad, = torch.autograd.grad(stats.aux_loss, layer.router.weight, retain_graph=True)
     dist.all_reduce(aux_grad, group=group)
-    ((out * g[:, chunk]).sum() + layer.aux_loss).backward()
+    ((out * g[:, chunk]).sum() + stats.aux_loss).backward()
     router_grad = layer.router.weight.grad.clone()
     dist.all_reduce(router_grad, group=group)  # replicated router: the trainer sums over SEP
 
     result = {"out": _rel(out, out_ref[:, chunk]), "x_grad": _rel(x_ep.grad, x_ref.grad[:, chunk]),
               "router_grad": _rel(router_grad, ref.router.weight.grad),
-              "aux": abs(aux.item() - ref.aux_loss.item()) / abs(ref.aux_loss.item()),
+              "aux": abs(aux.item() - ref_stats.aux_loss.item()) / abs(ref_stats.aux_loss.item()),
               "aux_grad": _rel(aux_grad, aux_grad_ref),
-              "expert_load_equal": torch.equal(layer.expert_load, ref.expert_load),
-              "starved_load": ref.expert_load[starve].sum().item()}
+              "expert_load_equal": torch.equal(stats.expert_load, ref_stats.expert_load),
+              "starved_load": ref_stats.expert_load[starve].sum().item()}
     for name in ("gate_up_proj", "down_proj"):
         p = layer.get_parameter(name)
         assert p.shape[0] == config.num_experts // ep
@@ -222,13 +218,13 @@ def _gpt_sep_case() -> dict:
     T = T_LOCAL * sep
     tokens = torch.randint(config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(2))
     idx, targets = tokens[:, :-1], tokens[:, 1:]
-    chunk = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
 
-    ref_logits = ref(idx)
-    ref_loss = cross_entropy_sum(ref_logits, targets) / (B * T) + ref.aux_loss()
+    ref_out = ref(idx, return_aux=True)
+    ref_loss = cross_entropy_sum(ref_out.logits, targets) / (B * T) + ref_out.aux_loss
     ref_loss.backward()
-    logits = model(idx[:, chunk], position_ids=torch.arange(T)[None, chunk])
-    loss = cross_entropy_sum(logits, targets[:, chunk]) / (B * T) + model.aux_loss()
+    local_idx, local_targets, position_ids = sequence_chunk(idx, targets, rank, sep)
+    out = model(local_idx, position_ids=position_ids, return_aux=True)
+    loss = cross_entropy_sum(out.logits, local_targets) / (B * T) + out.aux_loss
     loss.backward()
     total_loss = loss.detach().clone()
     dist.all_reduce(total_loss)
@@ -241,7 +237,10 @@ def _gpt_sep_case() -> dict:
             grad = p.grad.clone()
             dist.all_reduce(grad)
         grad_err = max(grad_err, _rel(grad, q.grad))
-    return {"out": _rel(logits, ref_logits[:, chunk]), "grads": grad_err,
+    chunk = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
+    # Parallelism wraps submodules without renaming a parameter: checkpoints and HF maps hold.
+    assert list(model.state_dict()) == list(ref.state_dict())
+    return {"out": _rel(out.logits, ref_out.logits[:, chunk]), "grads": grad_err,
             "loss": abs(total_loss.item() - ref_loss.item()) / ref_loss.item()}
 
 

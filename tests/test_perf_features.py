@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import tinytron
+from tests.utils import TINY_MODEL as CFG
 from tests.utils import tiny_config
-from tinytron.model import GPT, ModelConfig
+from tinytron.model import GPT
 from tinytron.training import Trainer
 
-CFG = ModelConfig(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4,
-                  num_key_value_heads=2, hidden_size=32, intermediate_size=64)
 # The package's own files, wherever the checkout and its venv live (a clone in a folder named
 # "tinytron" has torch under .../tinytron/.venv/: a path substring would count torch's calls too).
 PACKAGE_DIR = os.path.dirname(os.path.abspath(tinytron.__file__)) + os.sep

@@ -1,13 +1,15 @@
-"""tinytron.plan against memory measured on CPU: state bytes exactly (the real tensors of a trained
-model and optimizer), saved activations with saved-tensor hooks (deduplicated by storage)."""
+"""tinytron-plan (tinytron.training.memory) against memory measured on CPU: state bytes exactly (the
+real tensors of a trained model and optimizer), saved activations with saved-tensor hooks
+(deduplicated by storage)."""
 
 import pytest
 import torch
 
 from tests.dist_helper import run_distributed
 from tests.utils import tiny_config
-from tinytron.plan import activation_bytes, main, state_bytes, weight_copy_bytes
+from tinytron.commands.plan import main
 from tinytron.training import Trainer
+from tinytron.training.memory import activation_bytes, state_bytes, weight_copy_bytes
 
 MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_intermediate_size", "48"]
 # seq 32 / hidden 64: activations dominate the B-independent bytes (bf16 weight copies, RoPE tables).

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.mlp import swiglu_experts_grouped, swiglu_experts_looped
-from tinytron.utils.profile import flops_per_token, mfu, model_flop_counter
+from tinytron.model import ModelConfig
+from tinytron.model.moe import swiglu_experts_grouped, swiglu_experts_looped
+from tinytron.utils.profile import counted_flops_per_token, flops_per_token, mfu, model_flop_counter
 
 SEQ, BATCH = 32, 2
 DENSE = ModelConfig(block_size=SEQ, vocab_size=256, num_layer=2, num_attention_heads=4,
@@ -28,24 +28,12 @@ CONFIGS = {
 }
 
 
-def counted_per_token(config: ModelConfig, counter: FlopCounterMode, device: str = "cpu") -> float:
-    """FLOPs `counter` sees in one forward + backward of GPT(config), per token."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(config)
-        data = torch.randint(config.vocab_size, (BATCH, SEQ + 1))
-    with counter:
-        _, loss = model(data[:, :-1], data[:, 1:])
-        loss.backward()
-    return counter.get_total_flops() / (BATCH * SEQ)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_formula_equals_counter(name):
     """CPU run: matmuls counted by torch's formulas, the CPU flash-attention ops by ours. For MoE
     the per-expert loop runs exactly N * k routed rows through the experts."""
     config = CONFIGS[name]
-    counted = counted_per_token(config, model_flop_counter())
+    counted = counted_flops_per_token(config, SEQ, BATCH, model_flop_counter())
     assert counted == pytest.approx(flops_per_token(config, SEQ, causal=False), rel=1e-9)
 
 
@@ -55,9 +43,9 @@ def test_formula_equals_plain_counter_on_meta(name):
     with torch's own formula: an independent check of the attention term (and of the CPU
     flash-attention counts above, which must agree with it)."""
     config = CONFIGS[name]
-    plain = counted_per_token(config, FlopCounterMode(display=False), device="meta")
+    plain = counted_flops_per_token(config, SEQ, BATCH, FlopCounterMode(display=False), "meta")
     assert plain == pytest.approx(flops_per_token(config, SEQ, causal=False), rel=1e-9)
-    assert plain == pytest.approx(counted_per_token(config, model_flop_counter()), rel=1e-9)
+    assert plain == pytest.approx(counted_flops_per_token(config, SEQ, BATCH, model_flop_counter()), rel=1e-9)
 
 
 def test_causal_count_keeps_only_masked_in_pairs():

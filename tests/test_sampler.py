@@ -135,7 +135,7 @@ def test_capped_validation_matches_reference_on_every_layout(tmp_path):
     """With the cap active, dp 1, dp 2 and sep 2 score the same 10 sequences and agree with a
     plain single-process fp32 loop over exactly those sequences (1e-5: summation order only)."""
     from tinytron.model import GPT
-    from tinytron.model.modules.loss import cross_entropy_sum
+    from tinytron.model.gpt import cross_entropy_sum
     cfg = tiny_config(tmp_path, *_CAP)
     t = cfg.training
     torch.manual_seed(t.seed)

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tests.dist_helper import run_distributed
 from tests.test_checkpoint import MOE, ckpt_path, resume_and_train
-from tests.utils import read_log, tiny_config
+from tests.utils import read_log, rel, tiny_config
 from tinytron.distributed.sharded_checkpoint import read_metadata
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.optimizer_state import read_state_dict
@@ -55,10 +55,6 @@ def _train_world2(base: str) -> None:
 
 def _resume(base: str, layout: str, sep: int) -> int:
     return resume_and_train(f"{base}/{layout}", *MOE, "--sep_size", str(sep))[1]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_each_rank_writes_its_shard_and_resumes_on_other_layouts(tmp_path):

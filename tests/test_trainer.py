@@ -155,7 +155,7 @@ def test_trainer_matches_a_plain_pytorch_loop(tmp_path):
     import torch
     from tinytron.data.mock import MockDataset
     from tinytron.model import GPT
-    from tinytron.utils.training import lr_at
+    from tinytron.training.schedule import lr_at
     cfg = tiny_config(tmp_path, "--no-do_save", "--no-do_val", "--max_steps", "3", "--grad_clip_value", "0.5")
     trainer = Trainer(cfg)
     assert trainer.grad_accum_steps == 4

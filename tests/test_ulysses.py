@@ -14,12 +14,11 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_helper import run_distributed
-from tinytron.distributed.parallel_state import (get_sep_group, get_sep_rank, get_sep_size,
-                                                 initialize_parallel_state)
-from tinytron.distributed.sequence_parallel import apply_sequence_parallel, ulysses_attention
+from tinytron.distributed.parallel_state import get_sep_group, get_sep_rank, get_sep_size, initialize_parallel_state
+from tinytron.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.sequence_parallel.ulysses import all_to_all, kv_heads_to_send
 from tinytron.model import GPT, ModelConfig
-from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_loss, cross_entropy_sum
+from tinytron.model.gpt import IGNORE_INDEX, CausalAttention, cross_entropy_loss, cross_entropy_sum
 
 B, T, VOCAB = 2, 16, 96
 
@@ -81,20 +80,18 @@ def _sep_worker(sep: int) -> dict:
         q = torch.zeros(1, 2, 6, 4)
         kv = torch.zeros(1, 2, 2, 4)
         try:
-            ulysses_attention(q, kv, kv, group, lambda q, k, v: q)
+            UlyssesAttention(CausalAttention(), group)(q, kv, kv)
         except ValueError as e:
             out["heads_error"] = str(e)
 
     idx, targets = _batch()
-    chunk = T // sep
-    local = slice(rank * chunk, (rank + 1) * chunk)
-    position_ids = torch.arange(rank * chunk, (rank + 1) * chunk)[None]
     num_valid = (targets != IGNORE_INDEX).sum()
+    idx, targets, position_ids = sequence_chunk(idx, targets, rank, sep)
     for heads, kv_heads in CASES[sep]:
         model = _build_model(heads, kv_heads)
         apply_sequence_parallel(model, group)
-        logits = model(idx[:, local], position_ids=position_ids)          # [B, T/sep, V]
-        loss = cross_entropy_sum(logits, targets[:, local]) / num_valid
+        logits = model(idx, position_ids=position_ids)          # [B, T/sep, V]
+        loss = cross_entropy_sum(logits, targets) / num_valid
         loss.backward()
         pieces = [torch.empty_like(logits) for _ in range(sep)]
         dist.all_gather(pieces, logits.detach().contiguous(), group=group)

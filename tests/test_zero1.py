@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.dist_helper import run_distributed
+from tests.utils import rel
 from tinytron.distributed.parallel_state import initialize_parallel_state
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.optimizer_state import read_state_dict
@@ -165,10 +166,6 @@ def train(model, zero, state, steps, accum, max_norm):
         zero.step()
     zero.finish_param_gather()
     return norms
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def assert_params_close(got: dict, want: dict, tol: float = 1e-6) -> None:

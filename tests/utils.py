@@ -1,9 +1,19 @@
-"""Shared helpers for trainer-level tests: a tiny fp32 CPU config and log readers."""
+"""Shared helpers for the tests: tiny model and trainer configs, tensor comparison, log readers,
+torchrun's processes."""
 
+import dataclasses
+import math
 import os
 import sys
 
+import torch
+
+from tinytron.model import ModelConfig
 from tinytron.training.arguments import build_parser, config_from_args
+
+# A 2-layer GQA model (4 query / 2 kv heads, 32 wide) for model-level tests.
+TINY_MODEL = ModelConfig(block_size=32, vocab_size=97, num_layer=2, num_attention_heads=4,
+                         num_key_value_heads=2, hidden_size=32, intermediate_size=64)
 
 TINY_FLAGS = [
     "--device", "cpu", "--precision", "fp32", "--use_mock_data", "--num_workers", "0",
@@ -18,6 +28,23 @@ TINY_FLAGS = [
 def tiny_config(log_dir: str, *flags: str):
     """Config of a 2-layer model on mock data; later flags override earlier ones."""
     return config_from_args(build_parser().parse_args(TINY_FLAGS + ["--log_dir", str(log_dir), *flags]))
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    """TINY_MODEL with `changes` (ModelConfig fields)."""
+    return dataclasses.replace(TINY_MODEL, **changes)
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor, ord: float = 2) -> float:
+    """Relative error ||actual - expected|| / ||expected||, in float64: ord 2 (Frobenius; the
+    default) or math.inf (the largest element's error over the largest element)."""
+    diff = torch.linalg.vector_norm(actual.double() - expected.double(), ord)
+    return (diff / torch.linalg.vector_norm(expected.double(), ord).clamp_min(1e-30)).item()
+
+
+def max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: rel with ord=inf."""
+    return rel(actual, expected, math.inf)
 
 
 def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:

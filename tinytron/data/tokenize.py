@@ -26,10 +26,9 @@ document separator (the GPT-2 / nanoGPT convention).
 
 Run it once before a multi-node launch (tokenizing a large corpus can outlast the process-group
 timeout that `prepare_token_shards_distributed` waits under):
-    python -m tinytron.data.tokenize --dataset ... --tokenizer ... --cache_dir ...
+    tinytron-tokenize --dataset ... --tokenizer ... --cache_dir ...     (tinytron/commands/tokenize.py)
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,6 +43,8 @@ from tqdm import tqdm
 
 INDEX_FILE = "index.json"
 TOKENS_FILE = "tokens.bin"
+DEFAULT_VAL_FRACTION = 0.005  # --val_fraction of training and of tinytron-tokenize
+DEFAULT_NUM_PROC = min(8, os.cpu_count() or 1)
 _FORMAT_VERSION = 1  # bump when the bytes written for the same inputs change
 
 # Local file suffix -> `datasets` builder. .txt is special-cased to whole-file documents (see above).
@@ -184,8 +185,8 @@ def _tokenize_and_write(corpus, tokenizer, text_column, eos, num_proc, out_dir: 
 
 def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathLike, *,
                          dataset_config: str | None = None, text_column: str = "text",
-                         split: str = "train", num_proc: int = min(8, os.cpu_count() or 1),
-                         val_fraction: float = 0.005, vocab_size: int | None = None) -> Path:
+                         split: str = "train", num_proc: int = DEFAULT_NUM_PROC,
+                         val_fraction: float = DEFAULT_VAL_FRACTION, vocab_size: int | None = None) -> Path:
     """Tokenize `dataset` with `tokenizer` into `cache_dir` once; return the cache folder (for
     TokenWindowDataset). Reuses the folder when it already exists.
 
@@ -251,7 +252,7 @@ def prepare_token_shards_distributed(*args, **kwargs) -> Path:
     ranks wait at a barrier (default group) and then read the finished cache. Collective: every rank
     calls it with the same arguments. Without torch.distributed initialised it is
     prepare_token_shards. The barrier runs under the process group's timeout: pre-tokenize large
-    corpora with `python -m tinytron.data.tokenize` before launching."""
+    corpora with `tinytron-tokenize` before launching."""
     if not (dist.is_available() and dist.is_initialized()):
         return prepare_token_shards(*args, **kwargs)
     leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
@@ -261,29 +262,3 @@ def prepare_token_shards_distributed(*args, **kwargs) -> Path:
     if not leader:
         path = prepare_token_shards(*args, **kwargs)  # a cache hit now
     return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Pre-tokenize a corpus into a Tinytron token cache")
-    parser.add_argument("--dataset", required=True, help="hub name or local file/folder")
-    parser.add_argument("--tokenizer", required=True, help="hub name or local folder")
-    parser.add_argument("--cache_dir", required=True, help="where the cache folder goes")
-    parser.add_argument("--dataset_config", default=None, help="hub dataset config name")
-    parser.add_argument("--text_column", default="text", help="column holding the text")
-    parser.add_argument("--split", default="train", help="dataset split to tokenize")
-    parser.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--val_fraction", type=float, default=0.005,
-                        help="last fraction of the tokens kept for validation")
-    args = parser.parse_args()
-    try:
-        path = prepare_token_shards(args.dataset, args.tokenizer, args.cache_dir,
-                                    dataset_config=args.dataset_config, text_column=args.text_column,
-                                    split=args.split, num_proc=args.num_proc,
-                                    val_fraction=args.val_fraction)
-    except ValueError as e:  # bad paths and values: one line, like the training entry points
-        parser.exit(2, f"error: {e}\n")
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

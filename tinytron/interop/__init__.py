@@ -1,5 +1,5 @@
 """Interop with other frameworks: Hugging Face `transformers` export, import and init."""
 
-from tinytron.interop.hf import export_hf, init_from_hf, load_hf, to_hf_model
+from tinytron.interop.hf import export_hf, load_hf, read_hf_state, to_hf_model
 
-__all__ = ["export_hf", "init_from_hf", "load_hf", "to_hf_model"]
+__all__ = ["export_hf", "load_hf", "read_hf_state", "to_hf_model"]

@@ -33,20 +33,24 @@ reads back.
 Every function raises ValueError with a one-line message for what cannot be converted.
 """
 
-import dataclasses
 import json
 import os
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
-                          MixtralConfig, PretrainedConfig, PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.initialization import no_init_weights
 
 from tinytron.model import GPT, ModelConfig
-from tinytron.training import checkpoint as ckpt
-from tinytron.training.config import Config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mixtral")
 
@@ -345,24 +349,17 @@ _DENSE_FIELDS = ("intermediate_size",)
 _MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
-def init_from_hf(model: GPT, hf_dir: str) -> None:
-    """Copy the weights of a Llama / Mixtral folder into `model` in place (copy_, so parameters that
-    are views into flat buffers stay views). Under expert parallelism call it after
-    `apply_expert_parallel`: each rank then copies its own experts' slice. The architecture in
-    config.json must equal model.config's."""
-    theirs, ours = read_hf_config(hf_dir), model.config
-    for name in _ARCH_FIELDS + (_MOE_FIELDS if ours.use_moe else _DENSE_FIELDS):
-        if getattr(theirs, name) != getattr(ours, name):
-            raise ValueError(f"--init_from_hf {hf_dir}: --{name} {getattr(ours, name)} differs from "
+def read_hf_state(hf_dir: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of a Llama / Mixtral folder as a full state dict of GPT(config) (fp32, all
+    experts), for `--init_from_hf` (tinytron.training.weights.init_from_hf copies it into a model).
+    The architecture in config.json must equal `config`'s."""
+    theirs = read_hf_config(hf_dir)
+    for name in _ARCH_FIELDS + (_MOE_FIELDS if config.use_moe else _DENSE_FIELDS):
+        if getattr(theirs, name) != getattr(config, name):
+            raise ValueError(f"--init_from_hf {hf_dir}: --{name} {getattr(config, name)} differs from "
                              f"config.json ({getattr(theirs, name)})")
-    state = from_hf_state_dict(read_hf_weights(hf_dir, ours), ours, hf_dir)
-    try:
-        ckpt.load_full_model_state_dict(model, state, hf_dir)
-    except ckpt.CheckpointError as e:
-        raise ValueError(str(e)) from None
+    return from_hf_state_dict(read_hf_weights(hf_dir, config), config, hf_dir)
 
-
-# ---------------------------------------------------------------------- Tinytron checkpoints
 
 def is_hf_dir(path: str) -> bool:
     """A transformers model folder (a Tinytron run folder also has a config.json: ours has no
@@ -372,42 +369,3 @@ def is_hf_dir(path: str) -> bool:
             return "model_type" in json.load(f)
     except (OSError, ValueError):
         return False
-
-
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
-    """A Trainer checkpoint -> (full fp32 state dict, ModelConfig, meta). `path` is a step folder,
-    a run folder (its newest complete checkpoint) or a model.pt next to a meta.pt."""
-    if not os.path.exists(path):
-        raise ValueError(f"--checkpoint {path} does not exist")
-    if is_hf_dir(path):
-        raise ValueError(f"--checkpoint {path} is a Hugging Face folder, not a Tinytron checkpoint")
-    if os.path.isfile(path):   # a model.pt (the older format) next to its meta.pt
-        step, model_file = os.path.dirname(path), path
-    else:
-        step, model_file = ckpt.find_latest(path), None
-        if step is None:
-            raise ValueError(f"--checkpoint {path}: no complete checkpoint (a step folder with a "
-                             f"{ckpt.COMPLETE} file, or a run folder holding checkpoints/step_*)")
-    meta_file = os.path.join(step, "meta.pt")
-    if not os.path.isfile(meta_file):
-        raise ValueError(f"--checkpoint {path}: {meta_file} is missing")
-    try:
-        meta = torch.load(meta_file, map_location="cpu", weights_only=True)
-        state = (torch.load(model_file, map_location="cpu", weights_only=True) if model_file
-                 else ckpt.read_model_state(step))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ValueError(f"--checkpoint {path}: unreadable file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(meta, dict) or "model" not in meta.get("config", {}):
-        raise ValueError(f"--checkpoint {path}: {meta_file} has no config['model']")
-    config = Config.from_dict({"model": meta["config"]["model"]}).model
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(meta["config"]["model"]) - known)
-    if unknown:
-        raise ValueError(f"--checkpoint {path}: model config field {unknown[0]} is unknown to this Tinytron")
-    return state, config, meta
-
-
-def run_tokenizer(meta: dict) -> str | None:
-    """The --tokenizer the checkpoint's run was trained with (from its meta.pt), or None."""
-    return meta.get("config", {}).get("data", {}).get("tokenizer") or None

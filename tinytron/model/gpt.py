@@ -1,21 +1,149 @@
-"""The GPT model: a pre-norm decoder with RoPE, RMSNorm, GQA attention, SwiGLU and a tied head.
+"""The GPT model, in one file to read top to bottom: the loss, RMSNorm, RoPE, grouped-query
+attention, the SwiGLU MLP, `Block` (one pre-norm layer) and `GPT` (the stack, with an optionally
+tied head). The Mixture-of-Experts layer is in moe.py.
 
-Read top to bottom: `Block` is one layer, `GPT` stacks them. The model knows nothing of data or
-parallelism; `tinytron.distributed` sets process groups on its attention (and MoE) modules.
+The model knows nothing of data or parallelism: `tinytron.distributed` wraps or swaps submodules
+around it (the core attention op, the MoE expert computation) without changing its parameters, so
+it runs in a notebook with no process group.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinytron.model.config import ModelConfig
-from tinytron.model.modules.attn import Attention
-from tinytron.model.modules.emb import RotaryEmbedding
-from tinytron.model.modules.loss import cross_entropy_loss
-from tinytron.model.modules.mlp import MLP, MoE
-from tinytron.model.modules.norm import RMSNorm
+from tinytron.model.moe import MoE, MoEStats
+
+# Language-model loss: computed in fp32 on logits of any dtype; targets equal to -100 are ignored.
+IGNORE_INDEX = -100
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits: [B, T, V], targets: [B, T] -> scalar sum of the token losses over valid targets.
+
+    Returning the sum (not the mean) lets a caller divide by a token count taken over more than
+    this tensor, e.g. the full sequence when this rank holds one sequence-parallel chunk.
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token loss over valid targets (0 when there are none)."""
+    num_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return cross_entropy_sum(logits, targets) / num_valid
+
+
+# RMSNorm computed in fp32 (bf16 mean-of-squares loses too much precision).
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim] in any dtype -> same shape and dtype."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# Rotary position embedding (RoPE), half-split rotation as in Llama / GPT-NeoX. Positions are passed
+# in explicitly, so a rank that holds only a chunk of the sequence (sequence parallelism) rotates its
+# tokens by their global positions.
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # Not persistent: derived from the config, so checkpoints stay free of it.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: [B or 1, T] integer -> (cos, sin), each [B or 1, T, head_dim] fp32."""
+        # fp32 throughout (angles up to T need it): autocast lowers only matmul-like ops, none here.
+        angles = position_ids.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B or 1, T, D] -> x rotated, same shape and dtype as x."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+# Attention on F.scaled_dot_product_attention. The core op (`CausalAttention`: q, k, v -> output, no
+# parameters) is a submodule of its own so that parallelism can be applied around it without the
+# model knowing: `tinytron.distributed.sequence_parallel.apply_sequence_parallel` wraps it in Ulysses
+# all-to-alls, after which `Attention` receives a sequence chunk [B, T/sep, C] and still attends
+# over the full sequence.
+class CausalAttention(nn.Module):
+    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] with H % Hkv == 0 -> [B, T, H, D], with dropout on the
+    attention weights in training mode.
+
+    Query head h attends with kv head h // (H / Hkv). SDPA picks flash / memory-efficient kernels on
+    CUDA and expands kv heads itself (enable_gqa), so kv is never materialised per query head.
+    """
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+            enable_gqa=q.shape[2] != k.shape[2])
+        return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        # One fused projection for q, k and v: one matmul instead of three.
+        self.qkv_proj = nn.Linear(config.hidden_size,
+                                  (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.core_attention = CausalAttention(config.dropout)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, C] (T = local chunk under sequence parallelism); cos, sin: [B or 1, T, D] for
+        the global positions of those tokens -> [B, T, C]."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+             self.num_kv_heads * self.head_dim], dim=-1)
+        q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        y = self.core_attention(q, k, v)
+        return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). x: [..., C] -> [..., C]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # gate and up fused into one matmul; split in forward.
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):
@@ -24,18 +152,30 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.use_moe = config.use_moe
         self.mlp = MoE(config) if config.use_moe else MLP(config)
         self.recompute_mlp = False  # set by GPT.set_activation_checkpointing
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, C] -> [B, T, C]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, MoEStats | None]:
+        """x: [B, T, C] -> ([B, T, C], the MoE layer's statistics or None for a dense MLP)."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
         if self.recompute_mlp and self.training:
-            return x + checkpoint(self._mlp, x, use_reentrant=False)
-        return x + self._mlp(x)
+            y, stats = checkpoint(self._mlp, x, use_reentrant=False)
+        else:
+            y, stats = self._mlp(x)
+        return x + y, stats
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.mlp_norm(x))
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
+        y = self.mlp(self.mlp_norm(x))
+        return y if self.use_moe else (y, None)
+
+
+class GPTOutput(NamedTuple):
+    """What `GPT.forward(..., return_aux=True)` returns."""
+    logits: torch.Tensor               # [B, T, V]
+    aux_loss: torch.Tensor             # scalar fp32: sum over MoE layers of MoEStats.aux_loss (0 if dense)
+    expert_load: torch.Tensor | None   # [num_layer, E] int64 (MoEStats.expert_load per layer), or None
 
 
 class GPT(nn.Module):
@@ -81,28 +221,32 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, return_aux: bool = False):
         """idx: [B, T] token ids; targets: [B, T] (-100 = ignore); position_ids: [B or 1, T]
         (default 0..T-1; a sequence-parallel rank passes its global positions).
 
         Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
-        token cross-entropy over valid targets plus any auxiliary (MoE) loss.
+        token cross-entropy over valid targets plus the auxiliary (MoE) loss. With `return_aux`,
+        a `GPTOutput` instead (targets unused), for a caller that computes its own loss.
         """
         if position_ids is None:
             position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
         cos, sin = self.rope(position_ids)
         x = self.dropout(self.embed(idx))
+        # A tensor even for dense models (callers add it to their loss); zeros fills on the device,
+        # no host-to-device copy to wait for.
+        aux_loss, expert_load = torch.zeros((), dtype=torch.float32, device=idx.device), []
         for layer in self.layers:
             if self.activation_checkpointing == "full" and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x, stats = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x, stats = layer(x, cos, sin)
+            if stats is not None:
+                aux_loss = aux_loss + stats.aux_loss
+                expert_load.append(stats.expert_load)
         logits = self.lm_head(self.norm(x))
+        if return_aux:
+            return GPTOutput(logits, aux_loss, torch.stack(expert_load) if expert_load else None)
         if targets is None:
             return logits
-        return logits, cross_entropy_loss(logits, targets) + self.aux_loss()
-
-    def aux_loss(self) -> torch.Tensor | float:
-        """Sum of the auxiliary losses of the last forward (MoE load balancing; 0 for dense)."""
-        return sum((layer.mlp.aux_loss for layer in self.layers
-                    if getattr(layer.mlp, "aux_loss", None) is not None), 0.0)
+        return logits, cross_entropy_loss(logits, targets) + aux_loss

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from tinytron.data.tokenize import DEFAULT_VAL_FRACTION
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.model.config import ModelConfig
 
@@ -69,7 +70,8 @@ class DataConfig:
         "comma-separated mixing weights of the comma-separated --dataset corpora (default: equal)"))
     tokenizer: str = field(default="", metadata=_help("transformers tokenizer: hub name or local folder"))
     data_cache_dir: str = field(default="data_cache", metadata=_help("where tokenized corpora are cached"))
-    val_fraction: float = field(default=0.005, metadata=_help("fraction of the tokens held out for validation"))
+    val_fraction: float = field(default=DEFAULT_VAL_FRACTION,
+                                metadata=_help("fraction of the tokens held out for validation"))
     tokenize_num_proc: int = field(default=8, metadata=_help("processes for tokenization"))
 
 

@@ -1,6 +1,6 @@
 """Experiment tracking: one `MetricsLogger.log(step, metrics)` call per logged optimizer step feeds
 
-    <run_dir>/metrics.jsonl   always: one JSON object per step, the source of `python -m tinytron.plot`
+    <run_dir>/metrics.jsonl   always: one JSON object per step, the source of `tinytron-plot`
     <run_dir>/tb/             --tensorboard: TensorBoard event files, x-axis = optimizer step
     W&B run (dir <run_dir>)   --wandb_project: same scalars, run config = the run's Config
 

@@ -34,19 +34,19 @@ from tinytron.data.sampler import GlobalBatchSampler, validation_indices
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.runtime import RuntimeSetupError, init_runtime
-from tinytron.distributed.sequence_parallel import apply_sequence_parallel
+from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
-from tinytron.model.modules.loss import IGNORE_INDEX, cross_entropy_sum
+from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.resume import resume
+from tinytron.training.schedule import lr_at
 from tinytron.training.sync import StopSignals, ignore_stop_signals, reduce_step_stats, reduce_validation
-from tinytron.utils.model import count_parameters
+from tinytron.utils.params import count_parameters
 from tinytron.utils.profile import StepProfiler, flops_per_token, mfu, peak_flops
-from tinytron.utils.training import lr_at
 
 
 class TrainingError(RuntimeError):
@@ -125,7 +125,7 @@ class Trainer:
             if cfg.model.use_moe:
                 apply_expert_parallel(model, ps.get_ep_group())
         if cfg.training.init_from_hf:  # continued pre-training; a resumed checkpoint still wins
-            from tinytron.interop.hf import init_from_hf  # lazy: transformers stays optional
+            from tinytron.training.weights import init_from_hf  # lazy: transformers stays optional
             try:  # after the expert split: each rank copies its own experts' slice
                 init_from_hf(model, cfg.training.init_from_hf)
             except ValueError as e:
@@ -198,10 +198,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
-        chunk = inputs.shape[1] // ps.get_sep_size()
-        start = ps.get_sep_rank() * chunk
-        positions = torch.arange(start, start + chunk, device=self.device)[None]
-        return inputs[:, start:start + chunk], targets[:, start:start + chunk], positions, count
+        return *sequence_chunk(inputs, targets, ps.get_sep_rank(), ps.get_sep_size()), count
 
     def _autocast(self):
         if self.config.training.precision == "bf16":
@@ -209,14 +206,13 @@ class Trainer:
         return nullcontext()
 
     def _forward_loss(self, batch: torch.Tensor):
-        """-> (language-model loss, auxiliary loss) of one micro-batch on this rank, as tensors."""
+        """-> (language-model loss, auxiliary loss, expert load [layers, experts] or None for dense
+        models) of one micro-batch on this rank, as tensors."""
         inputs, targets, positions, count = self._split_batch(batch)
         with self._autocast():
-            logits = self.model(inputs, position_ids=positions)
-        lm = cross_entropy_sum(logits, targets) / count.clamp(min=1)
-        aux = self.model.aux_loss()  # a tensor for MoE, the float 0.0 for dense models
-        # new_zeros, not torch.tensor(0.0, device=...): a host-to-device copy waits for the GPU.
-        return lm, aux.float() if torch.is_tensor(aux) else lm.new_zeros(())
+            out = self.model(inputs, position_ids=positions, return_aux=True)
+        lm = cross_entropy_sum(out.logits, targets) / count.clamp(min=1)
+        return lm, out.aux_loss, out.expert_load
 
     def train_step(self, batches) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's statistics
@@ -228,14 +224,12 @@ class Trainer:
         acc = torch.zeros(2, device=self.device)
         load = None  # tokens per expert per MoE layer, summed over micro-steps: [layers, experts]
         for micro in range(self.grad_accum_steps):
-            lm, aux = self._forward_loss(next(batches))
+            lm, aux, expert_load = self._forward_loss(next(batches))
             with self.optimizer.micro_step(last=micro == self.grad_accum_steps - 1):
                 ((lm + aux) / self.grad_accum_steps).backward()
             acc += torch.stack((lm.detach(), aux.detach()))
             if self.config.logging.log_expert_load:
-                step_load = torch.stack([m.expert_load for m in self.model.modules()
-                                         if getattr(m, "expert_load", None) is not None]).float()
-                load = step_load if load is None else load + step_load
+                load = expert_load.float() if load is None else load + expert_load.float()
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
         minutes = self.config.checkpoint.save_every_minutes

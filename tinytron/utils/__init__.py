@@ -1,3 +1,3 @@
-from tinytron.utils.model import count_parameters
+from tinytron.utils.params import count_parameters
 
 __all__ = ["count_parameters"]

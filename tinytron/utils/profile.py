@@ -1,11 +1,13 @@
 """FLOPs per token of this architecture, a FLOP counter that measures the same quantity on a real
-forward + backward (to check the formula), and model FLOPs utilisation (MFU), and the step profiler."""
+forward + backward (to check the formula), model FLOPs utilisation (MFU), and the step profiler."""
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tinytron.model import GPT
 from tinytron.model.config import ModelConfig
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name substring, most specific first.
@@ -102,6 +104,22 @@ def model_flop_counter() -> FlopCounterMode:
     if hasattr(aten, "_grouped_mm"):
         mapping[aten._grouped_mm] = _grouped_mm_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def counted_flops_per_token(config: ModelConfig, seq_len: int, batch: int, counter: FlopCounterMode,
+                            device: str = "cpu") -> float:
+    """FLOPs `counter` sees in one forward + backward (loss: mean token cross-entropy + MoE aux) of
+    GPT(config) at block_size `seq_len` on `batch` random sequences of `seq_len` tokens, per token:
+    what checks `flops_per_token` (tests/test_profile.py, benchmarks/mfu.py). device "meta" counts
+    shapes only, without computing."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(dataclasses.replace(config, block_size=seq_len))
+        data = torch.randint(config.vocab_size, (batch, seq_len + 1))
+    with counter:
+        _, loss = model(data[:, :-1], data[:, 1:])
+        loss.backward()
+    return counter.get_total_flops() / (batch * seq_len)
 
 
 # -------------------------------------------------------------------------------------- MFU

@@ -1,4 +1,9 @@
-from tinytron.distributed.expert_parallel.comm import (all_to_all_variable, apply_expert_parallel,
-                                                        dispatch_and_combine)
+from tinytron.distributed.expert_parallel.comm import (
+    ExpertParallel,
+    all_to_all_variable,
+    apply_expert_parallel,
+    combine,
+    dispatch,
+)
 
-__all__ = ["all_to_all_variable", "apply_expert_parallel", "dispatch_and_combine"]
+__all__ = ["ExpertParallel", "all_to_all_variable", "apply_expert_parallel", "combine", "dispatch"]

@@ -1,3 +1,3 @@
-from tinytron.distributed.sequence_parallel.ulysses import apply_sequence_parallel, ulysses_attention
+from tinytron.distributed.sequence_parallel.ulysses import UlyssesAttention, apply_sequence_parallel, sequence_chunk
 
-__all__ = ["apply_sequence_parallel", "ulysses_attention"]
+__all__ = ["UlyssesAttention", "apply_sequence_parallel", "sequence_chunk"]

@@ -73,7 +73,7 @@ def bucket_layout(numels: list[int], bucket_numel: int, size: int
     """Where FlatBuffer puts tensors of `numels` elements, in order: buckets of at most
     `bucket_numel` elements (a bigger tensor gets a bucket of its own), each padded to a multiple
     of the group `size`. Returns (flat start of each tensor, [start, end) of each bucket, the
-    tensor indices of each bucket). A pure function: `tinytron.plan` sizes buffers with it."""
+    tensor indices of each bucket). A pure function: `tinytron.training.memory` sizes buffers with it."""
     offsets, buckets, members = [], [], []
     current: list[int] = []
     start = end = 0

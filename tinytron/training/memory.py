@@ -1,28 +1,25 @@
-"""Will it fit? Per-rank GPU memory of a run, from its flags, without allocating the model.
+"""Will it fit? Per-rank GPU memory of a run, from its config, without allocating the model:
+the library of `tinytron-plan` (tinytron/commands/plan.py).
 
-    python -m tinytron.plan <the flags of a run> --gpu_memory_gib 80 --world_size 64
-    tinytron-plan ...                          (the same, as a console script)
-
-Prints, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off; MoE experts split
-over the expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and the
-activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
+`plan` reports, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off; MoE experts
+split over the expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and
+the activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
 the given one; then the total of the run's own mode and the largest --batch_size that fits.
 
 Parameters, gradients and optimizer state are exact: the model is built on the meta device (no
-memory), its parameters go through the same bucket layout as `FlatBuffer` (padding included) and
-the same shard rule as ZeRO-1. Activations are what autograd saves for backward, per token, op
-by op (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
-tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T) memory: output and
-log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments per token on
-every rank). Peak also counts the transients of backward: the recomputed block(s) of activation
-checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA context
-and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
+memory), its parameters go through the same bucket layout as `FlatBuffer` (padding included) and the
+same shard rule as ZeRO-1. Activations are what autograd saves for backward, per token, op by op
+(the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
+tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T)
+memory: output and log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments
+per token on every rank). Peak also counts the transients of backward: the recomputed block(s) of
+activation checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA
+context and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
 `--usable_fraction` (0.9) of the GPU.
 """
 
 import dataclasses
 import inspect
-import sys
 import types
 
 import torch
@@ -31,8 +28,7 @@ from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
 from tinytron.model import GPT
-from tinytron.training.arguments import build_parser, config_from_args
-from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.training.config import Config, validate_config
 from tinytron.training.trainer import Trainer
 
 GiB = 2**30
@@ -154,7 +150,7 @@ def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
 
 def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: float = 0.9,
          trainer_cls=Trainer) -> str:
-    """The report `python -m tinytron.plan` prints (raises ConfigError on bad flags)."""
+    """The report `tinytron-plan` prints (raises ConfigError on bad flags)."""
     grad_accum = validate_config(cfg, world_size)
     t, sep, zero1 = cfg.training, cfg.parallel.sep_size, cfg.optim.use_distributed_optimizer
     dp = world_size // sep
@@ -169,8 +165,8 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
              f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}" for s in seps)]
     for key, label in (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
                        ("optimizer", "AdamW state (fp32 m, v)")):
-        lines.append(f"  {label:<25}" + "".join(f"{states[s, True][key] / GiB:>18.3f} {states[s, False][key] / GiB:>6.3f}"
-                                                for s in seps))
+        lines.append(f"  {label:<25}" + "".join(f"{states[s, True][key] / GiB:>18.3f} "
+                                                f"{states[s, False][key] / GiB:>6.3f}" for s in seps))
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits (ZeRO-1 {'on' if zero1 else 'off'})",
               "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
@@ -199,24 +195,3 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
 
 def _with_sep(cfg: Config, sep: int) -> Config:
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sep_size=sep))
-
-
-def main(argv=None) -> None:
-    parser = build_parser("Tinytron memory plan: per-rank GPU memory of a run, without allocating it")
-    group = parser.add_argument_group("plan")
-    group.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU (default: %(default)s)")
-    group.add_argument("--world_size", type=int, default=8, help="ranks of the run (default: %(default)s)")
-    group.add_argument("--usable_fraction", type=float, default=0.9,
-                       help="share of the GPU the run may use (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        if args.world_size < 1 or args.gpu_memory_gib <= 0 or not 0 < args.usable_fraction <= 1:
-            raise ConfigError("--world_size must be >= 1, --gpu_memory_gib > 0 and --usable_fraction in (0, 1]")
-        print(plan(config_from_args(args), args.world_size, args.gpu_memory_gib, args.usable_fraction))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

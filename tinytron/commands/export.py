@@ -1,7 +1,8 @@
 """Export a Tinytron checkpoint to a Hugging Face `transformers` folder.
 
-    python -m tinytron.export --checkpoint logs/run_abcd1234 --out hf_model [--dtype bf16]
+    tinytron-export --checkpoint logs/run_abcd1234 --out hf_model [--dtype bf16]
         [--tokenizer <folder or hub name>]
+    python -m tinytron.commands.export ...     (the same)
 
 --checkpoint is a step folder, a run folder (its newest complete checkpoint) or a model.pt next to
 its meta.pt. Dense models become LlamaForCausalLM, MoE models MixtralForCausalLM; the folder loads
@@ -14,7 +15,8 @@ import sys
 
 import torch
 
-from tinytron.interop.hf import export_hf, read_checkpoint, run_tokenizer
+from tinytron.interop.hf import export_hf
+from tinytron.training.weights import read_checkpoint, run_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

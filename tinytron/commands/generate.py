@@ -1,8 +1,9 @@
 """Sample text from a Tinytron checkpoint or an exported Hugging Face folder.
 
-    python -m tinytron.generate --checkpoint logs/run_abcd1234 --prompt "ROMEO:" \\
+    tinytron-generate --checkpoint logs/run_abcd1234 --prompt "ROMEO:" \\
         [--tokenizer <folder or hub name>] [--max_new_tokens 100] [--temperature 0.8] [--top_k 50]
         [--top_p 0.95] [--seed 0] [--device auto]
+    python -m tinytron.commands.generate ...   (the same)
 
 The weights go into the equivalent `transformers` model (Llama / Mixtral, see tinytron.interop.hf)
 and its `generate` does the decoding, with a KV cache. --temperature 0 decodes greedily. Prints the
@@ -16,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from tinytron.interop.hf import is_hf_dir, load_tokenizer, read_checkpoint, run_tokenizer, to_hf_model
+from tinytron.interop.hf import is_hf_dir, load_tokenizer, to_hf_model
 from tinytron.model import GPT
+from tinytron.training.weights import read_checkpoint, run_tokenizer
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,29 +1,23 @@
-"""Feed-forward layers: the SwiGLU MLP and the dropless Mixture-of-Experts (MoE) layer."""
+"""The dropless Mixture-of-Experts (MoE) layer: a fp32 top-k router, SwiGLU experts stacked in
+two tensors, and the sequence-wise load-balancing loss.
+
+The expert computation (`Experts`: rows sorted by expert -> expert outputs, and the routing counts
+per sequence; no parameters) is a submodule of its own so that expert parallelism can be applied
+around it without the model knowing: `tinytron.distributed.expert_parallel.apply_expert_parallel`
+keeps this rank's slice of the expert weights and swaps `Experts` for a module that sends every row
+to the rank holding its expert and back.
+"""
+
 
 import math
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tinytron.distributed.expert_parallel.comm import dispatch_and_combine
 from tinytron.model.config import ModelConfig
 
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). x: [..., C] -> [..., C]."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        # gate and up fused into one matmul; split in forward.
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 def route(logits: torch.Tensor, k: int, softmax_before_topk: bool
@@ -82,16 +76,49 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
+                   counts_host: list[int] | None = None) -> torch.Tensor:
+    """x: [M, C] sorted by expert; gate_up: [E, C, 2I], down: [E, I, C]: the weights of the E
+    experts the rows go to (cast to x's dtype here); counts: [E] int64 on x's device; counts_host:
+    the same as a list when already on the host (else the per-expert loop reads it: a host sync)
+    -> [M, C]. Grouped GEMMs where supported, else one pair of matmuls per expert."""
+    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+    if _grouped_mm_supported(x, gate_up, down):
+        return swiglu_experts_grouped(x, gate_up, down, counts)
+    return swiglu_experts_looped(x, gate_up, down, counts.tolist() if counts_host is None else counts_host)
+
+
+class Experts(nn.Module):
+    """The expert computation of an MoE layer with all experts in this process (no parameters: the
+    layer owns the weights and passes them, so they keep their names in the state_dict).
+
+    forward(x [M, C] this process's (token, slot) rows sorted by expert, seq_counts [B, E] int64
+    its rows per (sequence, expert), gate_up [E, C, 2I], down [E, I, C])
+    -> (y [M, C] the expert outputs in x's order, seq_counts [B, E] over all the tokens of the B
+    sequences: here this process holds them all, so the input itself).
+    """
+
+    def forward(self, x: torch.Tensor, seq_counts: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return swiglu_experts(x, gate_up, down, seq_counts.sum(dim=0)), seq_counts
+
+
+class MoEStats(NamedTuple):
+    """What an MoE layer's forward returns next to its output."""
+    aux_loss: torch.Tensor     # scalar fp32: this rank's share of the load-balancing (+ z-) loss
+    expert_load: torch.Tensor  # [E] int64, no grad: assignments per expert over the EP group
+
+
 class MoE(nn.Module):
-    """Dropless top-k Mixture of SwiGLU experts. x: [B, T, C] -> [B, T, C].
+    """Dropless top-k Mixture of SwiGLU experts. x: [B, T, C] -> (out [B, T, C], MoEStats).
 
     Router: fp32 linear C -> E (autocast off), top-k experts per token (`route`). Experts are
     stacked: gate_up_proj [E_local, C, 2I], down_proj [E_local, I, C], marked `is_expert` (their
     gradients are complete within the EP group: the optimizer reduces them over DP only). The layer
-    is built with all E experts; `apply_expert_parallel` keeps this rank's slice and sets
-    `ep_group` (the SEP group), after which tokens travel to their experts' ranks by all-to-all.
+    is built with all E experts; `apply_expert_parallel` keeps this rank's slice and swaps the
+    `experts` submodule, after which tokens travel to their experts' ranks (the EP = SEP group).
 
-    After each forward:
+    MoEStats of each forward:
       aux_loss: scalar, this rank's share of the load-balancing (+ z-) loss of the micro-batch.
         The statistics of a sequence are taken over all its tokens, which the EP (= SEP) group
         holds in chunks, and every rank holds the part coming from its own tokens, so the SUM over
@@ -124,10 +151,8 @@ class MoE(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, C, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, C))
         self.gate_up_proj.is_expert = self.down_proj.is_expert = True
+        self.experts = Experts()
         self.dropout = nn.Dropout(config.dropout)
-        self.ep_group = None  # expert-parallel (SEP) group, or None: all experts local
-        self.aux_loss: torch.Tensor | None = None
-        self.expert_load: torch.Tensor | None = None
         # Same rule as GPT.reset_parameters (which redoes it by name inside a GPT): the down
         # projection writes into the residual stream.
         with torch.no_grad():
@@ -135,17 +160,7 @@ class MoE(nn.Module):
             nn.init.normal_(self.gate_up_proj, 0.0, config.init_std)
             nn.init.normal_(self.down_proj, 0.0, config.init_std / math.sqrt(2 * config.num_layer))
 
-    def _experts(self, x: torch.Tensor, counts: torch.Tensor,
-                 counts_host: list[int] | None = None) -> torch.Tensor:
-        """x: [M, C] sorted by local expert; counts: [E_local] int64 on x's device; counts_host:
-        the same as a list when already on the host -> [M, C]."""
-        gate_up, down = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
-        if _grouped_mm_supported(x, gate_up, down):
-            return swiglu_experts_grouped(x, gate_up, down, counts)
-        return swiglu_experts_looped(x, gate_up, down,
-                                     counts.tolist() if counts_host is None else counts_host)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, C = x.shape
         k, E = self.top_k, self.num_experts
         with torch.autocast(x.device.type, enabled=False):
@@ -160,27 +175,20 @@ class MoE(nn.Module):
         seq_of = torch.arange(B, device=x.device).repeat_interleave(T * k)
         seq_counts = torch.zeros(B * E, dtype=torch.int64, device=x.device).scatter_add_(
             0, seq_of * E + flat_experts, torch.ones_like(flat_experts)).view(B, E)
-        counts = seq_counts.sum(dim=0)
         x_sorted = x.reshape(-1, C).to(_compute_dtype(x))[order // k]                   # [N*k, C]
-        if self.ep_group is None:
-            y_sorted = self._experts(x_sorted, counts)
-        else:
-            y_sorted = dispatch_and_combine(x_sorted, counts, self.ep_group, self._experts)
+        y_sorted, seq_counts = self.experts(x_sorted, seq_counts, self.gate_up_proj, self.down_proj)
         # Back to (token, slot) order, then the routing-weighted sum over the k slots, in fp32.
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(-1, k, C)
         out = (y.float() * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
 
-        self.aux_loss, self.expert_load = self._load_balancing(logits.view(B, T, E),
-                                                               probs.view(B, T, E), seq_counts)
-        return self.dropout(out.view(B, T, C))
+        aux_loss = self._load_balancing(logits.view(B, T, E), probs.view(B, T, E), seq_counts)
+        return self.dropout(out.view(B, T, C)), MoEStats(aux_loss, seq_counts.sum(dim=0))
 
     def _load_balancing(self, logits: torch.Tensor, probs: torch.Tensor, seq_counts: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        ) -> torch.Tensor:
         """logits, probs: [B, T, E] fp32 of this rank's tokens (its chunk of B sequences);
-        seq_counts: [B, E] its assignments per sequence. Returns (this rank's share of the aux
-        loss, assignments per expert [E] over the EP group)."""
-        if self.ep_group is not None:  # the group's ranks hold chunks of the same B sequences
-            dist.all_reduce(seq_counts, group=self.ep_group)
+        seq_counts: [B, E] assignments per sequence over all the chunks (the EP group's ranks hold
+        chunks of the same B sequences). Returns this rank's share of the aux loss."""
         B, E = seq_counts.shape
         seq_len = seq_counts.sum(dim=1, keepdim=True) / self.top_k   # [B, 1] full sequence length
         f = seq_counts / (seq_len * self.top_k)    # no gradient: counts are integers
@@ -191,4 +199,4 @@ class MoE(nn.Module):
         if self.z_loss_coeff:
             aux = aux + self.z_loss_coeff * (logits.logsumexp(dim=-1).square().sum(dim=1)
                                              / seq_len.squeeze(1)).sum() / B
-        return aux, seq_counts.sum(dim=0)
+        return aux

@@ -1,6 +1,7 @@
 """Plot training curves of one or more runs from their metrics.jsonl.
 
-    python -m tinytron.plot logs/run_a logs/run_b --out curves.png [--x step|tokens]
+    tinytron-plot logs/run_a logs/run_b --out curves.png [--x step|tokens]
+    python -m tinytron.commands.plot ...       (the same)
 
 One figure, four panels: train and validation loss, learning rate, grad norm, tokens/s; runs are
 overlaid and labelled by their run folder name. Non-finite or unmeasured values (null) are gaps.
