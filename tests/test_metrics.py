@@ -2,8 +2,8 @@
 synthetic values (the trainer-level tests live in test_trainer.py)."""
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -146,6 +146,7 @@ def _write_run(run_dir, n: int, scale: float) -> None:
 
 def test_plot(tmp_path):
     import matplotlib.image
+
     from tinytron.commands.plot import DPI, FIGSIZE, plot_runs
     _write_run(tmp_path / "run_a", 20, 1.0)
     _write_run(tmp_path / "run_b", 12, 1.5)
@@ -176,6 +177,7 @@ def _trainer_run(log_dir, *flags):
 
 def test_trainer_tensorboard_matches_log_txt(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from tests.utils import read_log
     run_dir = _trainer_run(tmp_path, "--tensorboard", "--no-do_save")
     acc = EventAccumulator(os.path.join(run_dir, "tb"))

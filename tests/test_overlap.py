@@ -9,8 +9,7 @@ import torch.distributed as dist
 
 from tests.dist_helper import run_distributed
 from tests.test_parallel_training import RecordingTrainer
-from tests.test_zero1 import (TINY_BUCKET_MB, global_params, local_model, make_optimizer,
-                              micro_loss, set_lr, wrap)
+from tests.test_zero1 import TINY_BUCKET_MB, global_params, local_model, make_optimizer, micro_loss, set_lr, wrap
 from tests.utils import tiny_config
 from tinytron.distributed.parallel_state import initialize_parallel_state
 

@@ -90,7 +90,7 @@ def test_one_host_sync_per_optimizer_step(tmp_path, monkeypatch):
     for name in ("item", "tolist", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
     batches = trainer._train_loader()
-    for step in range(3):
+    for _ in range(3):
         calls.clear()
         trainer.train_step(batches)
         trainer.step += 1

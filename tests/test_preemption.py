@@ -206,7 +206,8 @@ def test_error_on_one_rank_ends_every_rank_with_its_line(tmp_path):
     with jobs() as start:
         job = start(_torchrun(tmp_path / "raise", "tests/signal_worker.py", *flags, "--log_dir", str(tmp_path / "a")),
                     tmp_path / "raise-out", env={"TEST_RAISE_IN": "evaluate@8@1"})
-        cases["raise"] = (job, _worker_exit_times(job), 1, "error: rank 1: ValueError: test error in evaluate at step 8")
+        cases["raise"] = (job, _worker_exit_times(job), 1,
+                          "error: rank 1: ValueError: test error in evaluate at step 8")
         ckpt = list_complete(os.path.join(_run_dir(tmp_path / "a"), "checkpoints"))[-1]
         assert ckpt.endswith("step_00000004")  # the save of step 8 comes after its validation
         rng = os.path.join(ckpt, "rng", "rank1.pt")

@@ -153,6 +153,7 @@ def test_trainer_matches_a_plain_pytorch_loop(tmp_path):
     non-embedding matrices. The Trainer splits the batch into 4 micro-steps, so sums are ordered
     differently: 1e-5 relative."""
     import torch
+
     from tinytron.data.mock import MockDataset
     from tinytron.model import GPT
     from tinytron.training.schedule import lr_at

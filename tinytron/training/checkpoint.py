@@ -40,8 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinytron.distributed import parallel_state as ps
-from tinytron.distributed.sharded_checkpoint import (Chunk, load_state, read_full_state,
-                                                     read_metadata, save_state)
+from tinytron.distributed.sharded_checkpoint import Chunk, load_state, read_full_state, read_metadata, save_state
 
 COMPLETE = "COMPLETE"
 ABANDONED = "abandoned"

@@ -30,8 +30,10 @@ class TrainingConfig:
     grad_clip_value: float = field(default=1.0, metadata=_help("clip the global grad norm to this (0: off)"))
     precision: str = field(default="bf16", metadata=_help("bf16 autocast or exact fp32", choices=("bf16", "fp32")))
     seed: int = field(default=42, metadata=_help("seeds init, data order and dropout"))
-    device: str = field(default="auto", metadata=_help("auto: cuda if available, else cpu", choices=("auto", "cuda", "cpu")))
-    backend: str = field(default="auto", metadata=_help("auto: nccl on cuda, gloo on cpu", choices=("auto", "nccl", "gloo")))
+    device: str = field(default="auto", metadata=_help(
+        "auto: cuda if available, else cpu", choices=("auto", "cuda", "cpu")))
+    backend: str = field(default="auto", metadata=_help(
+        "auto: nccl on cuda, gloo on cpu", choices=("auto", "nccl", "gloo")))
     use_compile: bool = field(default=False, metadata=_help("torch.compile each transformer block"))
     activation_checkpointing: str = field(default="none", metadata=_help(
         "recompute activations in backward: none, full (every block) or selective (the MLPs)",
@@ -42,7 +44,8 @@ class TrainingConfig:
         "tokens one evaluation scores at most: a fixed strided subset of the validation set (0: all)"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
     steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help("first and last step to profile", nargs=2))
-    init_from_hf: str = field(default="", metadata=_help("Hugging Face Llama/Mixtral folder to initialise the weights from"))
+    init_from_hf: str = field(default="", metadata=_help(
+        "Hugging Face Llama/Mixtral folder to initialise the weights from"))
     max_skipped_steps: int = field(default=5, metadata=_help("stop after this many consecutive non-finite steps"))
 
 
@@ -55,7 +58,8 @@ class OptimConfig:
     beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
     beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
     adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
-    use_distributed_optimizer: bool = field(default=True, metadata=_help("ZeRO-1: shard optimizer state over data-parallel ranks"))
+    use_distributed_optimizer: bool = field(default=True, metadata=_help(
+        "ZeRO-1: shard optimizer state over data-parallel ranks"))
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,12 @@ class DataConfig:
     use_mock_data: bool = field(default=False, metadata=_help("train on generated data (no files)"))
     mock_data_num_samples: int = field(default=10000, metadata=_help("mock training sequences (validation: 1/10)"))
     num_workers: int = field(default=2, metadata=_help("DataLoader worker processes per rank"))
-    dataset: str = field(default="", metadata=_help("hub dataset name or local .txt/.jsonl/.parquet file or folder; comma-separated: a blend"))
-    dataset_config: str = field(default="", metadata=_help("dataset configuration name (e.g. sample-10BT; comma-separated: per corpus)"))
-    text_column: str = field(default="text", metadata=_help("column holding the documents (comma-separated: per corpus)"))
+    dataset: str = field(default="", metadata=_help(
+        "hub dataset name or local .txt/.jsonl/.parquet file or folder; comma-separated: a blend"))
+    dataset_config: str = field(default="", metadata=_help(
+        "dataset configuration name (e.g. sample-10BT; comma-separated: per corpus)"))
+    text_column: str = field(default="text", metadata=_help(
+        "column holding the documents (comma-separated: per corpus)"))
     dataset_weights: str = field(default="", metadata=_help(
         "comma-separated mixing weights of the comma-separated --dataset corpora (default: equal)"))
     tokenizer: str = field(default="", metadata=_help("transformers tokenizer: hub name or local folder"))
@@ -78,14 +85,16 @@ class DataConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size"))
-    dist_timeout_minutes: float = field(default=30.0, metadata=_help("a collective waiting longer than this ends the job"))
+    dist_timeout_minutes: float = field(default=30.0, metadata=_help(
+        "a collective waiting longer than this ends the job"))
     overlap_grad_reduce: bool = field(default=True, metadata=_help("reduce each grad bucket during the last backward"))
     overlap_param_gather: bool = field(default=True, metadata=_help("all-gather ZeRO-1 params during the next forward"))
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    exp_name: str = field(default="tinytron", metadata=_help("run name (the run folder is <log_dir>/<exp_name>_<hash>)"))
+    exp_name: str = field(default="tinytron", metadata=_help(
+        "run name (the run folder is <log_dir>/<exp_name>_<hash>)"))
     log_dir: str = field(default="logs", metadata=_help("where run folders go"))
     log_expert_load: bool = field(default=False, metadata=_help("log tokens per expert of every MoE layer"))
     tensorboard: bool = field(default=False, metadata=_help("write TensorBoard events to <run folder>/tb"))
@@ -98,11 +107,13 @@ class LoggingConfig:
 class CheckpointConfig:
     do_save: bool = field(default=True, metadata=_help("save checkpoints"))
     save_every_steps: int = field(default=1000, metadata=_help("save every N steps (and at the end)"))
-    resume_path: str = field(default="", metadata=_help("run folder or checkpoint folder to resume from (default: this run's newest)"))
+    resume_path: str = field(default="", metadata=_help(
+        "run folder or checkpoint folder to resume from (default: this run's newest)"))
     keep_last_n_checkpoints: int = field(default=0, metadata=_help("keep only the newest N checkpoints (0: keep all)"))
     skip_data_steps: int = field(default=0, metadata=_help(
         "when a branch starts (a fresh run or a new --resume_path): continue the data order N global batches further"))
-    save_every_minutes: float = field(default=0.0, metadata=_help("also save when this many minutes passed since the last save (0: off)"))
+    save_every_minutes: float = field(default=0.0, metadata=_help(
+        "also save when this many minutes passed since the last save (0: off)"))
 
 
 SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConfig, "data": DataConfig,
