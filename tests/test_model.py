@@ -1,11 +1,7 @@
 """Model-level tests: shapes, causality, GQA vs MHA, RoPE positions, config validation. No
 process group anywhere: the model must work as a plain library."""
 
-import ast
 import dataclasses
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -156,24 +152,3 @@ def test_init_is_seeded_and_residual_scaled():
     std = a.layers[0].mlp.down_proj.weight.std().item()
     assert abs(std - TINY.init_std / (2 * TINY.num_layer) ** 0.5) < 0.003
     assert a.lm_head.weight is a.embed.weight
-
-
-def test_model_imports_no_parallelism():
-    """The model knows nothing of parallelism (tinytron.distributed wraps its submodules from
-    outside): no module of tinytron.model imports torch.distributed or tinytron.distributed, and
-    importing the package loads neither of them."""
-    package = pathlib.Path(__file__).parents[1] / "tinytron" / "model"
-    for path in package.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            assert not any(n.startswith(("torch.distributed", "tinytron.distributed")) for n in names), \
-                f"{path.name}:{node.lineno} imports {names}"
-    code = ("import sys, tinytron.model; "
-            "print(sorted(m for m in sys.modules if m.startswith('tinytron.distributed')))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]"

@@ -17,15 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from tinytron.distributed.runtime import pick_device
 from tinytron.interop.hf import is_hf_dir, load_tokenizer, to_hf_model
 from tinytron.model import GPT
 from tinytron.training.weights import read_checkpoint, run_tokenizer
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def load_generator(source: str | GPT, tokenizer=None, device: str = "auto",
@@ -37,7 +32,7 @@ def load_generator(source: str | GPT, tokenizer=None, device: str = "auto",
     (the tokenizer defaults to the one saved in it). tokenizer: a tokenizer or a name/path.
     dtype: default bf16 on a GPU that supports it, else fp32.
     """
-    device = resolve_device(device)
+    device = pick_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     hf_dir = isinstance(source, str) and is_hf_dir(source)
