@@ -90,7 +90,8 @@ def test_the_model_imports_nothing_of_torch_distributed():
 def test_importing_a_package_loads_nothing_above_it(package, never):
     """At run time too (a fresh interpreter): the model can go into a notebook without Tinytron's
     parallelism or trainer, and the HF converters without the trainer."""
-    code = f"import sys, tinytron.{package}; print(sorted({{m.split('.')[1] for m in sys.modules if m.startswith('tinytron.')}}))"
+    code = (f"import sys, tinytron.{package}; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('tinytron.')}))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert package in loaded and not any(f"'{name}'" in loaded for name in never), loaded
 
@@ -151,3 +152,9 @@ def test_one_step_passes_through_at_most_ten_files(tmp_path):
     files = run_distributed(_files_of_one_step, 2, str(tmp_path), ("--sep_size", "2", "--num_workers", "2"))[0]
     assert "tinytron/distributed/sequence_parallel/ulysses.py" in files, files   # the step was traced
     assert len(files) <= 10, files
+
+
+def test_ruff_is_clean():
+    """The lint configuration of pyproject.toml (ruff, line length 120) holds on the whole tree."""
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", REPO], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -55,7 +55,8 @@ def test_gqa_equals_mha_with_repeated_kv():
     for name, w in list(state.items()):
         if name.endswith("qkv_proj.weight"):
             q, k, v = w.split([h * hd, kv * hd, kv * hd])
-            rep = lambda x: x.view(kv, hd, -1).repeat_interleave(h // kv, dim=0).reshape(h * hd, -1)
+            def rep(x):
+                return x.view(kv, hd, -1).repeat_interleave(h // kv, dim=0).reshape(h * hd, -1)
             state[name] = torch.cat([q, rep(k), rep(v)])
     mha.load_state_dict(state)
     idx = torch.randint(0, TINY.vocab_size, (2, 16))

@@ -19,7 +19,6 @@ from torch import nn
 from tinytron.model.config import ModelConfig
 
 
-
 def route(logits: torch.Tensor, k: int, softmax_before_topk: bool
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits: [N, E] fp32 -> (weights [N, k], experts [N, k] int64, probs [N, E]).
