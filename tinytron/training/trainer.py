@@ -60,7 +60,8 @@ class Trainer:
         self._init_runtime()
         datasets = self._init_dataset()
         if datasets is None:
-            raise TypeError("_init_dataset must return (train_dataset, val_dataset)")
+            raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
+                            "sets self.train_dataset / self.val_dataset)")
         self.train_dataset, self.val_dataset = datasets
         self.model = self._init_model()
         # From here on the optimizer's flat buffers hold the model's parameters and gradients.
