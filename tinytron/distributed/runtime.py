@@ -1,4 +1,5 @@
-"""The runtime of one process: its device, the process group and the parallel groups.
+"""The runtime of one process: its device, the process group, the parallel groups and (for training)
+its stop-signal handlers.
 
 `init_runtime` is the one set-up shared by the Trainer, the benchmarks and generation: launched
 with `python` (WORLD_SIZE unset: one process, no process group) or `torchrun` (one process per
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from tinytron.distributed import abort
 from tinytron.distributed import parallel_state as ps
+from tinytron.distributed.signals import StopSignals
 
 
 class RuntimeSetupError(ValueError):
@@ -26,6 +28,7 @@ class Runtime:
     rank: int             # global rank (0 without a process group)
     world_size: int
     is_main: bool         # global rank 0: the one that prints and writes the run's files
+    signals: StopSignals | None = None  # SIGTERM / SIGUSR1 caught (catch_stop_signals), else None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -46,12 +49,16 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def init_runtime(device: str = "auto", backend: str = "auto", sep_size: int = 1,
-                 timeout_minutes: float = 30.0) -> Runtime:
+                 timeout_minutes: float = 30.0, catch_stop_signals: bool = False) -> Runtime:
     """Pick the device ("auto": CUDA when available) and the backend ("auto": nccl on CUDA, else
     gloo); when WORLD_SIZE > 1, start the process group (a collective timeout of
     `timeout_minutes`), watch for other ranks' failures (abort.py) and build the DP/SEP groups
     (parallel_state.py). Raises RuntimeSetupError for a device or backend that cannot be used.
-    Without WORLD_SIZE > 1 it only picks the device (see pick_device)."""
+    Without WORLD_SIZE > 1 it only picks the device (see pick_device). catch_stop_signals: from
+    here on SIGTERM and SIGUSR1 ask for a stop the ranks agree on (signals.py) instead of killing
+    the process, so a signal during the rest of the set-up (tokenizing, loading a checkpoint)
+    stops a training run after its first step."""
+    signals = StopSignals() if catch_stop_signals else None
     dev = pick_device(device)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -66,4 +73,4 @@ def init_runtime(device: str = "auto", backend: str = "auto", sep_size: int = 1,
     if dist.is_initialized():
         ps.initialize_parallel_state(sep_size)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Runtime(device=dev, rank=rank, world_size=world, is_main=rank == 0)
+    return Runtime(device=dev, rank=rank, world_size=world, is_main=rank == 0, signals=signals)

@@ -35,6 +35,7 @@ from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
 from tinytron.distributed.runtime import RuntimeSetupError, init_runtime
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
+from tinytron.distributed.signals import ignore_stop_signals
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
@@ -44,7 +45,7 @@ from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.resume import resume
 from tinytron.training.schedule import lr_at
-from tinytron.training.sync import StopSignals, ignore_stop_signals, reduce_step_stats, reduce_validation
+from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
 from tinytron.utils.params import count_parameters
 from tinytron.utils.profile import StepProfiler, flops_per_token, mfu, peak_flops
 
@@ -56,7 +57,6 @@ class TrainingError(RuntimeError):
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        self.signals = StopSignals()  # from the start: a signal during setup stops after step one
         self._init_runtime()
         datasets = self._init_dataset()
         if datasets is None:
@@ -86,19 +86,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _init_runtime(self) -> None:
-        """Validate the config; device, backend and process groups (distributed/runtime.py); the
-        run folder."""
+        """Validate the config; device, backend, process groups and stop signals
+        (distributed/runtime.py); the run folder."""
         cfg, t = self.config, self.config.training
         self.grad_accum_steps = validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sink_packages(cfg.logging)
         self.global_batch_seqs = t.total_batch_size // t.seq_len
         try:
-            rt = init_runtime(t.device, t.backend, cfg.parallel.sep_size, cfg.parallel.dist_timeout_minutes)
+            rt = init_runtime(t.device, t.backend, cfg.parallel.sep_size, cfg.parallel.dist_timeout_minutes,
+                              catch_stop_signals=True)
         except RuntimeSetupError as e:
             raise ConfigError(str(e)) from None
         if t.precision == "bf16" and rt.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--precision bf16 is not supported by this GPU; use --precision fp32")
         self.device, self.rank, self.world_size, self.is_main = rt.device, rt.rank, rt.world_size, rt.is_main
+        self.signals = rt.signals
         self.run_dir = make_run_dir(cfg)
         if self.is_main and dist.is_initialized():
             ps.print_topology()
@@ -311,7 +313,7 @@ class Trainer:
                 if c.do_save and (self.step % c.save_every_steps == 0 or last or stopping or stats["save_due"]):
                     self.save()
                     # A signal that came during this save: stop here, the step is saved.
-                    stopping = stopping or (not last and self.signals.share(self.device))
+                    stopping = stopping or (not last and share_stop(self.signals, self.device))
                 if stopping:
                     self.signals.announce_stop(self.step, c.do_save, self.is_main)
                     break
