@@ -78,6 +78,7 @@ def _save(root: str) -> dict:
     loss.backward()
     zero.reduce_gradients()
     zero.step()
+    zero.finish_param_gather()   # as Trainer.save: no all-gather still writing the weights
     meta = {"step": 1, "world_size": dist.get_world_size()}
     out = _measure(lambda: ckpt.save_checkpoint(root, 1, model, zero, meta))
     return dict(out, shard=_shard_bytes(zero), params=sum(p.numel() for p in model.parameters()))

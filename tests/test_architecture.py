@@ -26,7 +26,7 @@ ALLOWED = {
     "model": set(),
     "utils": {"model"},
     "data": set(),
-    "distributed": {"model", "utils"},
+    "distributed": {"model"},
     "interop": {"model"},
     "training": {"model", "distributed", "data", "utils", "interop"},
     "commands": {"training", "model", "distributed", "data", "utils", "interop"},

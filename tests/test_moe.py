@@ -240,6 +240,10 @@ def _gpt_sep_case() -> dict:
     chunk = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
     # Parallelism wraps submodules without renaming a parameter: checkpoints and HF maps hold.
     assert list(model.state_dict()) == list(ref.state_dict())
+    # Applied twice, a layout would split the experts' slice again and wrap the all-to-alls twice.
+    for apply in (apply_sequence_parallel, apply_expert_parallel):
+        with pytest.raises(ValueError, match="already applied"):
+            apply(model, get_sep_group())
     return {"out": _rel(out.logits, ref_out.logits[:, chunk]), "grads": grad_err,
             "loss": abs(total_loss.item() - ref_loss.item()) / ref_loss.item()}
 

@@ -100,6 +100,7 @@ def _cli(*flags, nproc=None):
     (["--hidden_size", "30"], "--hidden_size 30 is not divisible by --num_attention_heads 4"),
     (["--resume_path", "/nonexistent/run"], "--resume_path /nonexistent/run does not exist"),
     (["--skip_data_steps", "-1"], "--skip_data_steps -1 must be >= 0"),
+    (["--log_expert_load"], "--log_expert_load needs --use_moe"),
     (["--seq_len", "15", "--sep_size", "1", "--block_size", "8"], "--seq_len 15 exceeds --block_size 8"),
     (["--backend", "nccl"], "--backend nccl needs --device cuda"),  # from distributed/runtime.py
     pytest.param(["--device", "cuda"], "--device cuda but no CUDA device is available",

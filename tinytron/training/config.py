@@ -221,6 +221,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
         kv_heads_to_send(m.num_key_value_heads, sep)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.logging.log_expert_load and not m.use_moe:
+        raise ConfigError("--log_expert_load needs --use_moe (a dense model has no experts)")
     if m.use_moe and m.num_experts % sep:
         raise ConfigError(f"--num_experts {m.num_experts} is not divisible by --sep_size {sep}")
     tokens_per_micro_step = t.batch_size * t.seq_len * dp

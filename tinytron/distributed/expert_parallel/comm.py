@@ -117,6 +117,8 @@ def apply_expert_parallel(model: nn.Module, group) -> None:
     for module in list(model.modules()):
         if not isinstance(module, MoE):
             continue
+        if isinstance(module.experts, ExpertParallel):   # its weights are already a slice
+            raise ValueError("apply_expert_parallel was already applied to this model")
         for name, p in list(module.named_parameters(recurse=False)):
             if not getattr(p, "is_expert", False):
                 continue

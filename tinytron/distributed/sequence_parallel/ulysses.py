@@ -79,4 +79,6 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     rank its sequence chunk and its global position ids (`sequence_chunk`)."""
     for module in list(model.modules()):
         if isinstance(module, Attention):
+            if isinstance(module.core_attention, UlyssesAttention):
+                raise ValueError("apply_sequence_parallel was already applied to this model")
             module.core_attention = UlyssesAttention(module.core_attention, group)
