@@ -9,7 +9,7 @@ the peak minus the RSS just before; it includes the state a load creates (the ra
 For a save it should stay below the rank's own optimizer shard plus one bucket (the
 DistributedOptimizer's default 40 MiB): nothing else may be materialised.
 
-    python benchmarks/checkpoint_memory.py [--world 4]
+    python -m benchmarks.checkpoint_memory [--world 4]
 
 Only API common to every Tinytron version is used (GPT, DistributedOptimizer, save_checkpoint,
 load_checkpoint), so `PYTHONPATH=<older checkout> python benchmarks/checkpoint_memory.py`
@@ -63,7 +63,9 @@ def _build():
     ps.initialize_parallel_state(1)
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    zero = DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
+    # Keywords every version takes; no model given, so no overlap hooks (older versions have none).
+    zero = DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), process_group=dist.group.WORLD,
+                                param_names=model.named_parameters())
     return model, zero
 
 
@@ -78,7 +80,6 @@ def _save(root: str) -> dict:
     loss.backward()
     zero.reduce_gradients()
     zero.step()
-    zero.finish_param_gather()   # as Trainer.save: no all-gather still writing the weights
     meta = {"step": 1, "world_size": dist.get_world_size()}
     out = _measure(lambda: ckpt.save_checkpoint(root, 1, model, zero, meta))
     return dict(out, shard=_shard_bytes(zero), params=sum(p.numel() for p in model.parameters()))
