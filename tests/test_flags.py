@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
+from tests.utils import TINY_FLAGS
 from tinytron.training.arguments import build_parser, config_from_args
 from tinytron.training.config import ConfigError, validate_config
-from tests.utils import TINY_FLAGS
 
 # flag -> (a value outside its range, the value at the edge of its range, which is accepted).
 # A numeric flag added to the config must be added here: test_every_numeric_flag_is_listed fails.
