@@ -9,7 +9,8 @@ A Trainer step is the time from one `train_step` call to the next (everything th
 step: data, logging, metrics, its checks), less the plain step run in between; a plain step is the
 time of its forward, backward, clip and optimizer step on the batches the Trainer just consumed.
 Both clocks are reported: wall time, and this thread's CPU time (the model runs on this thread
-with --threads 1), which other processes on a busy machine disturb much less.
+with --threads 1), which other processes on a busy machine disturb much less. A second table says
+where the Trainer's own work goes (thread CPU time per step, over all steps).
 """
 
 import argparse
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import markdown_table, report
 from tinytron.model import GPT
+from tinytron.training import trainer as trainer_module
 from tinytron.training.arguments import build_parser, config_from_args
 from tinytron.training.trainer import Trainer
 
@@ -34,17 +36,29 @@ FLAGS = ["--use_mock_data", "--device", "cpu", "--num_layer", "4", "--hidden_siz
          "--no-do_save", "--no-do_val"]
 
 
+def _metered(fn, parts: dict, name: str):
+    """fn, adding the thread CPU time of each call to parts[name]."""
+    def call(*args, **kwargs):
+        t0 = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts[name] = parts.get(name, 0.0) + time.thread_time() - t0
+    return call
+
+
 class _Recorded:
     """An iterator that keeps what it hands out (the Trainer's micro-batches of one step)."""
 
-    def __init__(self, it):
+    def __init__(self, it, parts: dict):
         self.it, self.seen = it, []
+        self.next = _metered(lambda: next(self.it), parts, "next batch (DataLoader, this process)")
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        batch = next(self.it)
+        batch = self.next()
         self.seen.append(batch)
         return batch
 
@@ -88,7 +102,7 @@ class TimedTrainer(Trainer):
             self.trainer_times.append(tuple(t - t_last - t_plain for t, t_last, t_plain
                                             in zip(now, self.last_entry, self.plain_times[-1])))
         self.last_entry = now
-        recorded = _Recorded(batches)
+        recorded = _Recorded(batches, self.parts)
         stats = super().train_step(recorded)
         self.plain_times.append(self.plain.step(recorded.seen))
         return stats
@@ -107,6 +121,14 @@ def main() -> None:
         flags = FLAGS + ["--max_steps", str(args.steps), "--log_dir", tmp, *args.trainer_flags]
         trainer = TimedTrainer(config_from_args(build_parser().parse_args(flags)))
         trainer.plain, trainer.trainer_times, trainer.plain_times, trainer.last_entry = PlainLoop(trainer), [], [], None
+        trainer.parts = parts = {}
+        for obj, methods, name in ((trainer.log, ("train_step", "metrics_record"),
+                                    "logging (log.txt, console, metrics)"),
+                                   (trainer.optimizer, ("zero_grad", "reduce_gradients", "clip_grad_norm", "step"),
+                                    "optimizer wrapper (zero, reduce, clip, step)"),
+                                   (trainer_module, ("reduce_step_stats",), "step statistics (the host sync)")):
+            for method in methods:
+                setattr(obj, method, _metered(getattr(obj, method), parts, name))
         trainer.train()
     ours, plain = trainer.trainer_times[args.warmup:], trainer.plain_times[args.warmup:-1]
     rows, ratios = [], []
@@ -118,7 +140,10 @@ def main() -> None:
     body = (f"4 layers, hidden 128, vocab 4096, 64-token windows, batch 12 (one micro-step), "
             f"{trainer.config.training.precision}, {len(ours)} steps each after {args.warmup} left out; "
             f"Trainer / plain (medians): **{', '.join(ratios)}**.\n\n"
-            + markdown_table(["loop, clock", "median ms", "mean ms", "min ms"], rows))
+            + markdown_table(["loop, clock", "median ms", "mean ms", "min ms"], rows)
+            + "\n\nWhere the Trainer's own work goes (thread CPU time, mean per step):\n\n"
+            + markdown_table(["part", "ms per step"], [[name, f"{1000 * t / args.steps:.3f}"]
+                                                       for name, t in parts.items()]))
     report("Trainer overhead vs a plain loop", torch.device("cpu"), "benchmarks.trainer_overhead", body,
            args.append)
 
