@@ -22,7 +22,7 @@ def _python(*args: str) -> subprocess.CompletedProcess:
 
 def test_console_scripts_import():
     assert set(SCRIPTS) == {"tinytron-tokenize", "tinytron-plan", "tinytron-plot", "tinytron-export",
-                            "tinytron-generate"}
+                            "tinytron-generate", "tinytron-eval"}
     code = "; ".join(["import importlib"] + [
         f"assert callable(getattr(importlib.import_module({module!r}), {fn!r}))"
         for module, fn in (entry.split(":") for entry in SCRIPTS.values())])

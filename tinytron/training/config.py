@@ -65,6 +65,10 @@ class TrainingConfig:
     val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)", bound="> 0"))
     val_max_tokens: int = field(default=2**21, metadata=_help(
         "tokens one evaluation scores at most: a fixed strided subset of the validation set (0: all)", bound=">= 0"))
+    eval_tasks: str = field(default="", metadata=_help(
+        "comma-separated multiple-choice task files (.jsonl, see README) to score with --tokenizer"))
+    eval_every_steps: int = field(default=1000, metadata=_help(
+        "score --eval_tasks every N steps (and at the end)", bound="> 0"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
     steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help(
         "first and last step to profile", nargs=2, bound=">= 0"))
@@ -153,7 +157,8 @@ SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConf
 _NOT_HASHED = {"parallel", "logging", "checkpoint"}
 _NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "activation_checkpointing", "use_profiler",
                       "steps_to_profile", "num_workers", "use_distributed_optimizer",
-                      "data_cache_dir", "tokenize_num_proc", "max_skipped_steps"}
+                      "data_cache_dir", "tokenize_num_proc", "max_skipped_steps", "eval_tasks",
+                      "eval_every_steps"}
 # Fields added after the first release enter the hash only when set to a non-default value, so
 # a run started with an older Tinytron keeps its folder (and auto-resumes) after an upgrade.
 _HASHED_IF_SET = {"val_max_tokens", "dataset_weights"}
@@ -263,6 +268,11 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
     if 0 < t.val_max_tokens < t.seq_len:
         raise ConfigError(f"--val_max_tokens {t.val_max_tokens} must be 0 (no cap) or at least --seq_len {t.seq_len}")
+    if t.eval_tasks and not cfg.data.tokenizer:
+        raise ConfigError("--eval_tasks needs --tokenizer (the tokenizer of the model's token ids)")
+    missing = [f for f in t.eval_tasks.split(",") if f.strip() and not os.path.isfile(f.strip())]
+    if missing:
+        raise ConfigError(f"--eval_tasks {missing[0]} is not a file")
     a, b = t.steps_to_profile
     if t.use_profiler and a > b:
         raise ConfigError(f"--steps_to_profile {a} {b}: need first <= last")

@@ -2,7 +2,8 @@
 
     <run_dir>/config.json     the run's Config
     <run_dir>/log.txt         one line per step: "<step> train <loss>", "<step> val <loss>",
-                              "<step> skipped non-finite loss <loss> grad_norm <norm>"
+                              "<step> skipped non-finite loss <loss> grad_norm <norm>",
+                              "<step> eval <task> acc <acc> acc_norm <acc_norm> items <n>"
     console                   one line per step and a tqdm progress bar
     metrics.jsonl, TensorBoard, W&B   through MetricsLogger (metrics.py)
 
@@ -97,6 +98,14 @@ class RunLogger:
     def val(self, step: int, loss: float) -> None:
         self.line(f"{step} val {loss:.6f}")
 
+    def downstream(self, step: int, scores: dict) -> None:
+        """log.txt and the console: one line per task of --eval_tasks (scores: DownstreamEval's)."""
+        for name, s in scores.items():
+            line = f"{step} eval {name} acc {s.acc:.6f} acc_norm {s.acc_norm:.6f} items {s.items}"
+            self.line(line)
+            if self.is_main and self.bar is not None:
+                self.bar.write(line)
+
     def metrics_record(self, step: int, stats: dict, tokens: int, skipped_steps: int, device: torch.device) -> None:
         """One record per step to metrics.jsonl / TensorBoard / W&B."""
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -104,6 +113,8 @@ class RunLogger:
                   "val/loss": stats.get("val_loss"), "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
                   "perf/step_time_s": stats["step_time"], "perf/tokens_per_s": stats["tokens_per_s"],
                   "perf/mfu": stats["mfu"], "perf/peak_memory_gib": mem, "train/skipped_steps": skipped_steps}
+        for name, s in stats.get("eval", {}).items():  # --eval_tasks, when scored at this step
+            record.update({f"eval/{name}/acc": s.acc, f"eval/{name}/acc_norm": s.acc_norm})
         if self.config.model.use_moe:
             record["moe/aux_loss"] = stats["aux_loss"]
         if stats["expert_load"] is not None:

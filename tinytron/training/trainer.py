@@ -41,6 +41,7 @@ from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.resume import resume
@@ -58,6 +59,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self._init_runtime()
+        self.downstream = downstream_from_config(config)  # --eval_tasks, tokenized once (None without)
         datasets = self._init_dataset()
         if datasets is None:
             raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
@@ -308,6 +310,10 @@ class Trainer:
                 if t.do_val and (self.step % t.val_every_steps == 0 or last):
                     stats["val_loss"] = self.evaluate()
                     self.log.val(step, stats["val_loss"])
+                if self.downstream and (self.step % t.eval_every_steps == 0 or last):
+                    self.optimizer.finish_param_gather()
+                    stats["eval"] = self.downstream.evaluate(self.model, self._autocast, self.signals)
+                    self.log.downstream(step, stats["eval"])
                 self.log.metrics_record(step, stats, self.step * t.total_batch_size, self.skipped_steps, self.device)
                 stopping = self.signals.agreed is not None  # agreed in the step's or validation's all-reduce
                 if c.do_save and (self.step % c.save_every_steps == 0 or last or stopping or stats["save_due"]):
