@@ -132,11 +132,21 @@ def test_world_1_and_2_score_the_same(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--eval_tasks", str(TASK)], "--eval_tasks needs --tokenizer"),
     (["--eval_tasks", "nowhere.jsonl", "--tokenizer", str(TOKENIZER)], "--eval_tasks nowhere.jsonl is not a file"),
-    (["--eval_tasks", str(TASK), "--tokenizer", str(TOKENIZER), "--eval_every_steps", "0"], "positive --eval_every_steps"),
+    (["--eval_tasks", str(TASK), "--tokenizer", str(TOKENIZER), "--eval_every_steps", "0"],
+     "positive --eval_every_steps"),
 ])
 def test_bad_flags(flags, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         validate_config(tiny_config(tmp_path, *flags), 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "nowhere", "--tasks", str(TASK)], "error: --checkpoint nowhere does not exist"),
+    (["--checkpoint", ".", "--tasks", "nowhere.jsonl"], r"error: nowhere.jsonl: cannot read \(FileNotFoundError\)"),
+])
+def test_tinytron_eval_errors(args, message):
+    with pytest.raises(SystemExit, match=message):
+        eval_main(args + ["--device", "cpu"])
 
 
 @pytest.mark.parametrize("line, message", [

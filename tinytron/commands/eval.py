@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
     if not rt.is_main:
         return
-    step = meta.get("step", "?") if meta else "hf"
+    at = f", step {meta['step']}" if "step" in meta else ""
     for name, s in scores.items():
-        print(f"{name}: acc {s.acc:.4f} acc_norm {s.acc_norm:.4f} ({s.items} items, step {step})")
+        print(f"{name}: acc {s.acc:.4f} acc_norm {s.acc_norm:.4f} ({s.items} items{at})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "step": meta.get("step"),
