@@ -80,7 +80,8 @@ class DownstreamEval:
         self.batches = []
         while pairs:
             length = _pad_up(len(pairs[0][0]), sep)
-            rows, pairs = pairs[:max(1, max_tokens // length)], pairs[max(1, max_tokens // length):]
+            n = max(1, max_tokens // length)
+            rows, pairs = pairs[:n], pairs[n:]
             inputs = torch.zeros(len(rows), length, dtype=torch.long)
             targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
             for r, (inp, tgt, _) in enumerate(rows):
