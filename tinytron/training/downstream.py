@@ -77,11 +77,12 @@ class DownstreamEval:
                 pairs.append((seq[:-1], targets, int(self.offsets[k]) + j))
         # Longest first (lm-eval's order): each batch is padded to its first sequence's length.
         pairs.sort(key=lambda p: (-len(p[0]), p[2]))
-        self.batches = []
-        while pairs:
-            length = _pad_up(len(pairs[0][0]), sep)
-            n = max(1, max_tokens // length)
-            rows, pairs = pairs[:n], pairs[n:]
+        self.batches = []  # (inputs [rows, length], targets [rows, length], vector index [rows]) on CPU
+        start = 0
+        while start < len(pairs):
+            length = _pad_up(len(pairs[start][0]), sep)
+            rows = pairs[start:start + max(1, max_tokens // length)]
+            start += len(rows)
             inputs = torch.zeros(len(rows), length, dtype=torch.long)
             targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
             for r, (inp, tgt, _) in enumerate(rows):
