@@ -24,7 +24,7 @@ OUT_OF_RANGE = {
     "--total_batch_size": ("-128", "128"), "--batch_size": ("0", "2"), "--seq_len": ("0", "16"),
     "--max_epochs": ("0", "1"), "--max_steps": ("-1", "0"), "--grad_clip_value": ("-1", "0"),
     "--seed": ("-1", "0"), "--val_every_steps": ("0", "1"), "--val_max_tokens": ("-1", "0"),
-    "--steps_to_profile": ("-1 3", "0 0"), "--max_skipped_steps": ("0", "1"),
+    "--steps_to_profile": ("-1 3", "0 0"), "--max_skipped_steps": ("0", "1"), "--eval_every_steps": ("0", "1"),
     # optim
     "--max_lr": ("0", "1e-2"), "--min_lr": ("-0.00001", "0"), "--warmup_steps": ("-1", "0"),
     "--weight_decay": ("-0.1", "0"), "--beta1": ("1.0", "0"), "--beta2": ("-0.5", "0.999"),
