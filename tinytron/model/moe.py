@@ -163,7 +163,8 @@ class MoE(nn.Module):
         B, T, C = x.shape
         k, E = self.top_k, self.num_experts
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.reshape(-1, C).float(), self.router.weight.float())    # [N, E]
+            # Through the module (fp32 weights): a wrapper around the router (FSDP) sees it run.
+            logits = self.router(x.reshape(-1, C).float())                             # [N, E]
         weights, experts, probs = route(logits, k, self.softmax_before_topk)
 
         # Sort the N * k (token, slot) assignments by expert; they are then also grouped by the

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinytron.distributed import parallel_state as ps
+from tinytron.distributed.fsdp.apply import full_tensor, local_rows
 from tinytron.distributed.sharded_checkpoint import Chunk, load_state, read_full_state, read_metadata, save_state
 
 COMPLETE = "COMPLETE"
@@ -95,12 +96,13 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict on CPU with every expert: expert tensors (local slice [E/ep, ...] on
     each rank of the EP group) are all-gathered over the EP group and concatenated in rank order.
     Collective over the EP group when expert parallelism is on."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: full_tensor(v.detach()).cpu() for k, v in model.state_dict().items()}
     group, ep = ps.get_ep_group(), ps.get_ep_size()
     if ep > 1:
         for name, p in _expert_params(model).items():
-            parts = [torch.empty_like(p.data) for _ in range(ep)]
-            dist.all_gather(parts, p.data.contiguous(), group=group)
+            local = full_tensor(p.detach()).contiguous()   # with --fsdp: gathered over DP first
+            parts = [torch.empty_like(local) for _ in range(ep)]
+            dist.all_gather(parts, local, group=group)
             state[name] = torch.cat(parts).cpu()
     return state
 
@@ -132,13 +134,15 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
 def sharded_model_state(model: nn.Module) -> dict:
     """{name: tensor} of the model for save_state / load_state: every tensor whole (the same on
     every rank: written by one), except expert tensors, which are the Chunk of the global (all
-    experts) tensor that this expert-parallel rank holds."""
+    experts) tensor that this expert-parallel rank holds. With --fsdp: DTensors (DCP writes and
+    reads each rank's shard), experts the Chunk of this rank's rows of its expert-parallel rank's."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     ep = ps.get_ep_size()
     if ep > 1:
         for name, p in _expert_params(model).items():
             n = p.shape[0]
-            state[name] = Chunk(p.data, (ps.get_ep_rank() * n,) + (0,) * (p.dim() - 1),
+            local, start = local_rows(p.detach())
+            state[name] = Chunk(local, (ps.get_ep_rank() * n + start,) + (0,) * (p.dim() - 1),
                                 (ep * n, *p.shape[1:]))
     return state
 

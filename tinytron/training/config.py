@@ -120,6 +120,8 @@ class ParallelConfig:
         "a collective waiting longer than this ends the job", bound="> 0"))
     overlap_grad_reduce: bool = field(default=True, metadata=_help("reduce each grad bucket during the last backward"))
     overlap_param_gather: bool = field(default=True, metadata=_help("all-gather ZeRO-1 params during the next forward"))
+    fsdp: bool = field(default=False, metadata=_help(
+        "ZeRO-3 through torch FSDP2: shard params, grads and optimizer state over the data-parallel ranks"))
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
         kv_heads_to_send(m.num_key_value_heads, sep)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if p.fsdp and not o.use_distributed_optimizer:
+        raise ConfigError("--fsdp shards the optimizer state itself: drop --no-use_distributed_optimizer")
     if cfg.logging.log_expert_load and not m.use_moe:
         raise ConfigError("--log_expert_load needs --use_moe (a dense model has no experts)")
     if m.use_moe and m.num_experts % sep:

@@ -9,7 +9,8 @@ the Trainer stores it):
         the model, parallel layout applied, on `self.device`
     _init_optimizer(self) -> torch.optim.Optimizer
         any torch optimizer over `self.model`'s parameters; the Trainer wraps it in
-        DistributedOptimizer (ZeRO-1), which rebinds the parameters into its flat buffers
+        DistributedOptimizer (ZeRO-1), which rebinds the parameters into its flat buffers, or
+        with --fsdp in FSDPOptimizer (the parameters are then FSDP2's DTensor shards)
     _lr_at(self, step: int) -> float
         the learning rate of optimizer step `step` (0-based)
 
@@ -33,6 +34,7 @@ from tinytron.data.mock import MockDataset
 from tinytron.data.sampler import GlobalBatchSampler, validation_indices
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.expert_parallel import apply_expert_parallel
+from tinytron.distributed.fsdp import FSDPOptimizer, apply_fsdp
 from tinytron.distributed.runtime import RuntimeSetupError, init_runtime
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.signals import ignore_stop_signals
@@ -103,6 +105,7 @@ class Trainer:
             raise ConfigError("--precision bf16 is not supported by this GPU; use --precision fp32")
         self.device, self.rank, self.world_size, self.is_main = rt.device, rt.rank, rt.world_size, rt.is_main
         self.signals = rt.signals
+        self.fsdp = cfg.parallel.fsdp and self.world_size > 1   # one process has nothing to shard
         self.run_dir = make_run_dir(cfg)
         if self.is_main and dist.is_initialized():
             ps.print_topology()
@@ -143,6 +146,8 @@ class Trainer:
             fullgraph = ps.get_sep_size() == 1 and not cfg.model.use_moe
             for layer in model.layers:
                 layer.compile(fullgraph=fullgraph)
+        if self.fsdp:   # ZeRO-3: params, grads and optimizer state sharded (distributed/fsdp)
+            apply_fsdp(model, dist.group.WORLD, ps.get_dp_group(), ps.get_dp_size(), cfg.training.precision == "bf16")
         if self.is_main:
             counts = count_parameters(cfg.model)
             print(f"[tinytron] parameters: {counts['total'] / 1e6:.2f}M total, "
@@ -167,6 +172,8 @@ class Trainer:
         `p.data` and `p.grad` is a view into them (zero1/grad_buffer.py), and model.zero_grad()
         zeroes the grads in place."""
         p = self.config.parallel
+        if self.fsdp:
+            return FSDPOptimizer(optimizer, self.model, dist.group.WORLD, ps.get_ep_group())
         return DistributedOptimizer(optimizer, self.model, shard=self.config.optim.use_distributed_optimizer,
                                     overlap_grad_reduce=p.overlap_grad_reduce,
                                     overlap_param_gather=p.overlap_param_gather)
@@ -256,11 +263,18 @@ class Trainer:
         self.model.eval()
         t = self.config.training
         scored = validation_indices(len(self.val_dataset), t.val_max_tokens // t.seq_len)
-        val = Subset(self.val_dataset, scored[ps.get_dp_rank()::ps.get_dp_size()].tolist())
+        mine = scored[ps.get_dp_rank()::ps.get_dp_size()].tolist()
+        # --fsdp: a forward is collective over the world, so every rank runs as many; the extra
+        # sequences (repeats of the first) score nothing.
+        pad = -(-len(scored) // ps.get_dp_size()) - len(mine) if self.fsdp else 0
+        val = Subset(self.val_dataset, mine + scored[:1].tolist() * pad)
         totals = torch.zeros(2, device=self.device)
         # A private generator, so validation never draws from the global (dropout) RNG.
-        for batch in DataLoader(val, batch_size=self.config.training.batch_size, generator=torch.Generator()):
+        for i, batch in enumerate(DataLoader(val, batch_size=t.batch_size, generator=torch.Generator())):
             inputs, targets, positions, _ = self._split_batch(batch)
+            if pad:
+                rows = i * t.batch_size + torch.arange(len(batch), device=targets.device)
+                targets = targets.masked_fill((rows >= len(mine))[:, None], IGNORE_INDEX)
             with self._autocast():
                 logits = self.model(inputs, position_ids=positions)
             totals += torch.stack((cross_entropy_sum(logits, targets),

@@ -43,10 +43,7 @@ class OptimizerStateMixin:
         return {"state": state, "param_groups": self._saved_param_groups()}
 
     def _saved_param_groups(self) -> list[dict]:
-        """Each group's hyper-parameters, with its parameters' names as 'params'."""
-        return [dict(copy.deepcopy({k: v for k, v in g.items()
-                                    if k not in ("params", "param_names")}), params=names)
-                for g, names in zip(self.optimizer.param_groups, self._group_names)]
+        return saved_param_groups(self.optimizer, self._group_names)
 
     def _expert_parallel_size(self) -> int:
         """How many ranks hold different experts: process_group = expert group x this."""
@@ -223,7 +220,7 @@ class OptimizerStateMixin:
             return
         saved = {}   # name -> [(kind, key, DCP key, its metadata)]
         for dcp_key, md in read_metadata(directory).state_dict_metadata.items():
-            kind, name, key = _split_key(dcp_key)
+            kind, name, key = split_key(dcp_key)
             saved.setdefault(name, []).append((kind, key, dcp_key, md))
         targets, keys_of = {"param_groups": None}, {}
         for q, (p, start) in self._owner.items():
@@ -245,6 +242,13 @@ class OptimizerStateMixin:
         self._load_local_state(targets["param_groups"], local_state)
 
 
+def saved_param_groups(optimizer: torch.optim.Optimizer, group_names: list[list[str]]) -> list[dict]:
+    """Each param group's hyper-parameters, with its parameters' names (group_names) as 'params':
+    the "param_groups" of a saved state, whatever the engine."""
+    return [dict(copy.deepcopy({k: v for k, v in g.items() if k not in ("params", "param_names")}),
+                 params=names) for g, names in zip(optimizer.param_groups, group_names)]
+
+
 def read_state_dict(directory: str) -> dict:
     """The state_dict() (full tensors) of the optimizer that saved `directory`, assembled in this
     process alone (no process group): for inspection, conversion and tests."""
@@ -254,7 +258,7 @@ def read_state_dict(directory: str) -> dict:
     saved = read_full_state(directory)
     state = {}
     for dcp_key, value in saved.items():
-        kind, name, key = _split_key(dcp_key)
+        kind, name, key = split_key(dcp_key)
         if kind == "elem":
             value = value.view(saved["shapes"][name])
         if kind in ("elem", "param"):
@@ -262,7 +266,7 @@ def read_state_dict(directory: str) -> dict:
     return {"state": state, "param_groups": saved["param_groups"]}
 
 
-def _split_key(dcp_key: str) -> tuple[str, str, str]:
+def split_key(dcp_key: str) -> tuple[str, str, str]:
     """"elem/<name>/<key>" -> ("elem", name, key); "shapes" -> ("shapes", "", "")."""
     kind, _, rest = dcp_key.partition("/")
     name, _, key = rest.rpartition("/")
