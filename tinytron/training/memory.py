@@ -83,6 +83,47 @@ def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) 
     return out
 
 
+def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[dict]:
+    """Exact bytes of parameters, gradients and AdamW state on each global rank under --fsdp, and
+    the FSDP2 buffers in flight ("in_flight", an estimate).
+
+    Every param is sharded on dim 0 over its group (dense: the world; experts, this SEP rank's
+    1/ep of them: the DP group, dp rank = rank // sep), torch.chunk's split: c = ceil(rows / N)
+    rows per rank. FSDP2 pads every rank's parameter and gradient shard to c rows; AdamW's
+    exp_avg and exp_avg_sq (fp32) hold the rank's real rows only (fewer or none on the last
+    ranks), plus one 4-byte `step` per parameter.
+    In flight (fp32, or bf16 for the blocks under --precision bf16): the root (embedding, final
+    norm, head) stays gathered through forward and backward with its fp32 grads; two blocks'
+    params (the one running and the prefetched next) and one block's unsharded grads plus their
+    fp32 reduce-scatter input; with gradient accumulation (grad_accum > 1) every unsharded grad
+    (fp32) is kept between micro-steps, since only the last one reduce-scatters."""
+    sep = cfg.parallel.sep_size
+    ep = sep if cfg.model.use_moe else 1
+    out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
+    for p in _buffer_order(cfg, trainer_cls):
+        is_expert = getattr(p, "is_expert", False)
+        size = world_size // sep if is_expert else world_size
+        rows = p.shape[0] // (ep if is_expert else 1)
+        row, c = p[0].numel(), -(-rows // size)
+        for rank, rank_bytes in enumerate(out):
+            r = rank // sep if is_expert else rank
+            rank_bytes["params"] += c * row * p.element_size()
+            rank_bytes["grads"] += c * row * p.element_size()
+            rank_bytes["optimizer"] += 2 * max(0, min(c, rows - r * c)) * row * p.element_size() + 4
+    m, a = cfg.model, 2 if cfg.training.precision == "bf16" else 4
+    C, D, H, Kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
+    mlp = (m.num_experts // ep) * 3 * C * m.moe_intermediate_size + C * m.num_experts if m.use_moe \
+        else 3 * C * m.intermediate_size
+    block = C * (H + 2 * Kv) * D + H * D * C + mlp + 2 * C
+    root = (1 if m.tied_lm_head else 2) * m.vocab_size * C + C
+    accum = validate_config(cfg, world_size) > 1
+    total = root + m.num_layer * block
+    in_flight = 8 * root + 2 * a * block + (a + 4) * block + (4 * total if accum else 0)
+    for rank_bytes in out:
+        rank_bytes["in_flight"] = in_flight
+    return out
+
+
 def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
     """bf16 copies of the matmul weights that autocast makes in forward and autograd keeps for
     backward (the router stays fp32; experts are cast explicitly); none under fp32, and none for
@@ -159,24 +200,32 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
     # Ranks differ only by padding and shard boundaries: report the largest.
     states = {(s, z): max(state_bytes(_with_sep(cfg, s), world_size, z, trainer_cls), key=lambda b: b["optimizer"])
               for s in seps for z in (True, False)}
+    fsdp = cfg.parallel.fsdp and world_size > 1   # (the Trainer's rule: one process shards nothing)
+    if fsdp:   # the column "FSDP" and the key "fsdp"
+        for s in seps:
+            states[s, "fsdp"] = max(fsdp_state_bytes(_with_sep(cfg, s), world_size, trainer_cls),
+                                    key=lambda b: b["optimizer"] + b["params"])
+    engines = (True, False, "fsdp") if fsdp else (True, False)
+    engine = "fsdp" if fsdp else zero1
     lines = [f"world {world_size} = dp {dp} x sep {sep}; micro-batch {t.batch_size} x {t.seq_len} tokens, "
              f"grad accumulation {grad_accum}; {t.precision}; GPU {gpu_memory_gib:g} GiB, "
              f"{usable_fraction:.0%} usable = {usable / GiB:.1f} GiB", "",
-             f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}" for s in seps)]
-    for key, label in (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
-                       ("optimizer", "AdamW state (fp32 m, v)")):
-        lines.append(f"  {label:<25}" + "".join(f"{states[s, True][key] / GiB:>18.3f} "
-                                                f"{states[s, False][key] / GiB:>6.3f}" for s in seps))
+             f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}"
+                                                      + (f"{'FSDP':>8}" if fsdp else "") for s in seps)]
+    rows = (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"), ("optimizer", "AdamW state (fp32 m, v)"))
+    for key, label in rows + ((("in_flight", "FSDP2 buffers in flight"),) if fsdp else ()):
+        lines.append(f"  {label:<25}" + "".join(
+            "".join(f"{states[s, z].get(key, 0) / GiB:>{w}.3f}" for z, w in zip(engines, (18, 7, 8))) for s in seps))
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
-              f"--batch_size that fits (ZeRO-1 {'on' if zero1 else 'off'})",
+              f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
               "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
     totals = {}
     for s in seps:
         for mode in MODES:
             act, one = activation_bytes(cfg, t.batch_size, s, mode), activation_bytes(cfg, 1, s, mode)
-            copies = weight_copy_bytes(cfg, s, mode)
+            copies = weight_copy_bytes(cfg, s, "full" if fsdp else mode)   # FSDP: blocks gathered in bf16
             rope = 8 * (t.seq_len // s) * cfg.model.head_dim  # per micro-batch, not per sequence
-            fixed = sum(states[s, zero1].values()) + copies + rope
+            fixed = sum(states[s, engine].values()) + copies + rope
             totals[s, mode] = (fixed + sum(act.values()) - rope, fixed, sum(one.values()) - rope)
             lines.append(f"  {s:<4} {mode:<15} {act['saved'] / GiB:>7.3f} {act['transient'] / GiB:>19.3f} "
                          f"{copies / GiB:>19.3f} {_largest_batch(usable, *totals[s, mode][1:]):>21}")
