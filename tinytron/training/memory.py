@@ -116,7 +116,8 @@ def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[
         else 3 * C * m.intermediate_size
     block = C * (H + 2 * Kv) * D + H * D * C + mlp + 2 * C
     root = (1 if m.tied_lm_head else 2) * m.vocab_size * C + C
-    accum = validate_config(cfg, world_size) > 1
+    t = cfg.training
+    accum = t.total_batch_size > t.batch_size * t.seq_len * world_size // sep
     total = root + m.num_layer * block
     in_flight = 8 * root + 2 * a * block + (a + 4) * block + (4 * total if accum else 0)
     for rank_bytes in out:
