@@ -6,7 +6,8 @@ step by step (interleaved: load changes hit both alike). Per engine:
                   (by storage; FSDP: the local shards): exact
   peak MiB        the resident set's high-water mark of a separate pair of processes that trains
                   only that engine, above the process before the model was built (VmHWM - VmRSS,
-                  Linux; large tensors are mmapped, so the mark follows the tensors)
+                  Linux; tensors over 128 KiB are mmapped, so the mark follows the live tensors:
+                  activations, gathered units and collective buffers included)
   step ms         forward + backward + grad reduction + clip + AdamW step, median of STEPS after
                   WARMUP, slowest rank
   buffers MiB     bytes handed to collectives per step, counted by wrapping them (the full, N-shard
@@ -19,6 +20,7 @@ step by step (interleaved: load changes hit both alike). Per engine:
 """
 
 import collections
+import os
 import platform
 import statistics
 import time
@@ -48,8 +50,11 @@ KIND = {"all_to_all_single": "reduce_scatter", "reduce_scatter_single": "reduce_
 
 def _count_collectives(counts: collections.Counter) -> None:
     def counted(fn, name, full_arg):
-        def wrapper(*args, **kwargs):
-            counts[KIND[name]] += args[full_arg].nbytes
+        def wrapper(*args, **kwargs):   # the full tensor, passed by position or (FSDP2) by name
+            full = args[full_arg] if len(args) > full_arg else next(
+                kwargs[k] for k in (("output_tensor", "output") if full_arg == 0 else ("input_tensor", "input"))
+                if k in kwargs)
+            counts[KIND[name]] += full.nbytes
             return fn(*args, **kwargs)
         return wrapper
     for name, full_arg in COLLECTIVES:
@@ -137,6 +142,9 @@ def _peak(engine: str) -> float:
 
 
 def main() -> None:
+    # A fixed mmap threshold (glibc): every tensor over 128 KiB is mmapped and returned to the OS
+    # when freed, so the resident set follows the live tensors (set before the ranks start).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     rows = []
     for world in (2, 4):
         r = run_distributed(_interleaved, world)[0]

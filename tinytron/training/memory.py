@@ -1,8 +1,9 @@
 """Will it fit? Per-rank GPU memory of a run, from its config, without allocating the model:
 the library of `tinytron-plan` (tinytron/commands/plan.py).
 
-`plan` reports, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off; MoE experts
-split over the expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and
+`plan` reports, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off, and with
+--fsdp FSDP2's shards and its buffers in flight: `fsdp_state_bytes`; MoE experts split over the
+expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and
 the activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
 the given one; then the total of the run's own mode and the largest --batch_size that fits.
 
