@@ -5,15 +5,15 @@ DCP keys); checkpoints saved by one engine resumed by the other on another world
 --sep_size; a same-layout resume bitwise.
 
 Layouts: dp 2 (dense, gradient accumulation 4), sep 2 with the experts split over it (MoE), dp 2 x
-sep 2 (MoE: dense params sharded over all 4 ranks, experts over their DP pair), dp 4 (MoE, resumed);
---num_workers 2 (the default) in the dp 2 and dp 2 x sep 2 runs.
+sep 2 (MoE: dense params sharded over all 4 ranks, experts over their DP pair), dp 2 MoE (resumed
+from world 4); --num_workers 2 (the default) in the dp 2 and dp 2 x sep 2 runs.
 
 Tolerance 1e-5 relative (fp32), as in test_parallel_training: FSDP computes the same fp32 math as
 ZeRO-1 and differs only in summation order (each unit's reduce-scatter, the grad norm over
 dim-0 shards); measured <= 3e-7 on losses and grad norms over the 10 steps. bf16: 3 x the bf16
 error of the reference itself (|bf16 - fp32| at world 1), the rule of test_parallel_training's
-bf16_tolerance. Three spawned jobs (world 2, world 4, world 2 again for the resumes that need the
-world-4 checkpoints) serve all tests, through module fixtures.
+bf16_tolerance. Two spawned jobs (world 4, then world 2, which resumes world 4's checkpoints) and
+three world-1 references serve all tests, through one module fixture.
 """
 
 import numpy as np
@@ -38,20 +38,18 @@ def sep(n: int, *flags: str) -> list[str]:
 
 # name -> (model/run flags, layout flags); a "resume" entry names the run whose step-5 checkpoint
 # it resumes (from an earlier job).
-WORLD2 = {
-    "dense dp2": (DENSE, FSDP),
-    "moe sep2": (MOE, sep(2, "--fsdp")),
-    "moe sep2 zero1": (MOE, sep(2)),
-    "bf16 dense dp2": (DENSE + BF16, FSDP),
-}
 WORLD4 = {
     "moe dp2 sep2": (MOE, sep(2, *FSDP)),
-    "moe dp2 sep2 zero1": (MOE, sep(2, *WORKERS)),
-    "moe dp4 from zero1 sep2": (MOE, ["--fsdp"], "moe sep2 zero1"),    # ZeRO-1 world 2 -> FSDP world 4
+    "moe dp2 sep2 zero1": (MOE, sep(2)),
 }
-WORLD2_RESUMED = {
-    "moe dp2 zero1 from dp2 sep2": (MOE, [], "moe dp2 sep2"),      # FSDP world 4 -> ZeRO-1 world 2
-    "dense dp2 resumed": (DENSE, FSDP, "dense dp2"),                    # FSDP -> FSDP, same layout
+WORLD2 = {
+    "dense dp2": (DENSE, FSDP),
+    "dense dp2 resumed": (DENSE, FSDP, "dense dp2"),                  # FSDP -> FSDP, same layout
+    "moe sep2": (MOE, sep(2, "--fsdp")),
+    "moe sep2 zero1": (MOE, sep(2)),
+    "bf16 dense dp2": (DENSE + BF16, ["--fsdp"]),
+    "moe dp2 from zero1 dp2 sep2": (MOE, ["--fsdp"], "moe dp2 sep2 zero1"),   # ZeRO-1 world 4 -> FSDP world 2
+    "moe dp2 zero1 from dp2 sep2": (MOE, [], "moe dp2 sep2"),                 # FSDP world 4 -> ZeRO-1 world 2
 }
 
 
@@ -59,7 +57,8 @@ def _run(log_dir, layouts, sources):
     """{name: (history [steps, 3], val_history, run folder)} of every layout, in this world."""
     out = {}
     for i, (name, (flags, layout, *source)) in enumerate(layouts.items()):
-        resume = ["--resume_path", step_dir(sources[source[0]][2] + "/checkpoints", 5)] if source else []
+        run_dir = (out.get(source[0]) or sources[source[0]])[2] if source else ""
+        resume = ["--resume_path", step_dir(run_dir + "/checkpoints", 5)] if source else []
         trainer = RecordingTrainer(tiny_config(f"{log_dir}/{i}", *flags, *SAVING, *layout, *resume))
         trainer.history, trainer.val_history = [], []
         trainer.train()
@@ -71,9 +70,8 @@ def _run(log_dir, layouts, sources):
 def runs(tmp_path_factory):
     """Every parallel run, by name, and the world-1 references (dense, MoE, dense bf16)."""
     base = tmp_path_factory.mktemp("fsdp")
-    out = run_distributed(_run, 2, str(base / "w2"), WORLD2, {})[0]
-    out.update(run_distributed(_run, 4, str(base / "w4"), WORLD4, out)[0])
-    out.update(run_distributed(_run, 2, str(base / "w2r"), WORLD2_RESUMED, out)[0])
+    out = run_distributed(_run, 4, str(base / "w4"), WORLD4, {})[0]
+    out.update(run_distributed(_run, 2, str(base / "w2"), WORLD2, out)[0])
     for name, flags in (("ref dense", DENSE), ("ref moe", MOE), ("ref bf16 dense", DENSE + BF16)):
         out[name] = _run(str(base / "w1"), {name: (flags, [])}, {})[name]
     return out
@@ -134,10 +132,10 @@ def test_fsdp_bf16(runs):
     assert all(v.dtype == torch.float32 for v in weights(runs["bf16 dense dp2"]).values())  # fp32 masters
 
 
-@pytest.mark.parametrize("name", ["moe dp4 from zero1 sep2", "moe dp2 zero1 from dp2 sep2"])
+@pytest.mark.parametrize("name", ["moe dp2 from zero1 dp2 sep2", "moe dp2 zero1 from dp2 sep2"])
 def test_checkpoints_interchange_with_zero1(runs, name):
-    """ZeRO-1 at world 2, sep 2 resumed with --fsdp at world 4, sep 1, and FSDP at world 4, sep 2
-    resumed with ZeRO-1 at world 2, sep 1: steps 5-9 and the final weights of the uninterrupted
+    """ZeRO-1 at world 4 (dp 2 x sep 2) resumed with --fsdp at world 2 (dp 2, sep 1), and FSDP at
+    world 4 resumed with ZeRO-1 at world 2: steps 5-9 and the final weights of the uninterrupted
     world-1 run, within 1e-5."""
     ref = runs["ref moe"]
     got = runs[name]
@@ -155,7 +153,9 @@ def test_same_layout_resume_is_bitwise(runs):
         assert_close_tensors(adam_state(got)["state"][param], state, 0.0, param)
 
 
-def test_fsdp_without_zero1_is_one_line_error(tmp_path):
-    config = tiny_config(tmp_path, "--fsdp", "--no-use_distributed_optimizer")
-    with pytest.raises(ConfigError, match="--fsdp .*--no-use_distributed_optimizer"):
+@pytest.mark.parametrize("flags", [["--no-use_distributed_optimizer"], ["--eval_tasks", "x.jsonl", "--tokenizer", "t"]])
+def test_unsupported_combinations_are_one_line_errors(tmp_path, flags):
+    config = tiny_config(tmp_path, "--fsdp", *flags)
+    with pytest.raises(ConfigError, match=f"--fsdp .*{flags[0]}") as error:
         validate_config(config, 2)
+    assert "\n" not in str(error.value)
