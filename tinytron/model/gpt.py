@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinytron.model.config import ModelConfig
+from tinytron.model.document_mask import DocumentMask, document_attention
 from tinytron.model.moe import MoE, MoEStats
 
 # Language-model loss: computed in fp32 on logits of any dtype; targets equal to -100 are ignored.
@@ -90,16 +91,23 @@ class CausalAttention(nn.Module):
 
     Query head h attends with kv head h // (H / Hkv). SDPA picks flash / memory-efficient kernels on
     CUDA and expands kv heads itself (enable_gqa), so kv is never materialised per query head.
+    With a `DocumentMask` over the T tokens (document_mask.py), attention also stays inside each
+    document.
     """
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                document_mask: DocumentMask | None = None) -> torch.Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        if document_mask is not None:
+            return document_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      document_mask, dropout_p).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+            dropout_p=dropout_p, is_causal=True,
             enable_gqa=q.shape[2] != k.shape[2])
         return y.transpose(1, 2)
 
@@ -117,9 +125,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_mask: DocumentMask | None = None) -> torch.Tensor:
         """x: [B, T, C] (T = local chunk under sequence parallelism); cos, sin: [B or 1, T, D] for
-        the global positions of those tokens -> [B, T, C]."""
+        the global positions of those tokens; document_mask over the full sequences -> [B, T, C]."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
@@ -127,7 +136,7 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        y = self.core_attention(q, k, v)
+        y = self.core_attention(q, k, v, document_mask)
         return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
 
 
@@ -156,10 +165,10 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.use_moe else MLP(config)
         self.recompute_mlp = False  # set by GPT.set_activation_checkpointing
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_mask: DocumentMask | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """x: [B, T, C] -> ([B, T, C], the MoE layer's statistics or None for a dense MLP)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, document_mask)
         if self.recompute_mlp and self.training:
             y, stats = checkpoint(self._mlp, x, use_reentrant=False)
         else:
@@ -221,9 +230,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_aux: bool = False):
+                position_ids: torch.Tensor | None = None, return_aux: bool = False,
+                document_mask: DocumentMask | None = None):
         """idx: [B, T] token ids; targets: [B, T] (-100 = ignore); position_ids: [B or 1, T]
-        (default 0..T-1; a sequence-parallel rank passes its global positions).
+        (default 0..T-1; a sequence-parallel rank passes its global positions); document_mask:
+        attention only inside documents (document_mask.py; None: plain causal), built over the
+        FULL sequences, also when idx is a sequence-parallel chunk of them.
 
         Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
         token cross-entropy over valid targets plus the auxiliary (MoE) loss. With `return_aux`,
@@ -238,9 +250,9 @@ class GPT(nn.Module):
         aux_loss, expert_load = torch.zeros((), dtype=torch.float32, device=idx.device), []
         for layer in self.layers:
             if self.activation_checkpointing == "full" and self.training:
-                x, stats = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x, stats = checkpoint(layer, x, cos, sin, document_mask, use_reentrant=False)
             else:
-                x, stats = layer(x, cos, sin)
+                x, stats = layer(x, cos, sin, document_mask)
             if stats is not None:
                 aux_loss = aux_loss + stats.aux_loss
                 expert_load.append(stats.expert_load)

@@ -111,6 +111,12 @@ class DataConfig:
                                 metadata=_help("fraction of the tokens held out for validation",
                                                                 bound="[0, 1)"))
     tokenize_num_proc: int = field(default=8, metadata=_help("processes for tokenization", bound=">= 1"))
+    document_mask: bool = field(default=False, metadata=_help(
+        "attend only to earlier tokens of the same document (documents end with the EOS token)"))
+    reset_position_ids: bool = field(default=False, metadata=_help(
+        "with --document_mask: RoPE positions restart at 0 at each document"))
+    eos_token_id: int = field(default=-1, metadata=_help(
+        "the token that ends a document for --document_mask (-1: the token cache's EOS)"))
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ _NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "activat
                       "eval_every_steps"}
 # Fields added after the first release enter the hash only when set to a non-default value, so
 # a run started with an older Tinytron keeps its folder (and auto-resumes) after an upgrade.
-_HASHED_IF_SET = {"val_max_tokens", "dataset_weights"}
+_HASHED_IF_SET = {"val_max_tokens", "dataset_weights", "document_mask", "reset_position_ids", "eos_token_id"}
 
 
 @dataclass(frozen=True)
@@ -284,4 +290,16 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--steps_to_profile {a} {b}: need first <= last")
     if t.init_from_hf and not os.path.isdir(t.init_from_hf):
         raise ConfigError(f"--init_from_hf {t.init_from_hf} is not a folder")
+    _validate_document_mask(cfg.data, m.vocab_size)
     return t.total_batch_size // tokens_per_micro_step
+
+
+def _validate_document_mask(d: DataConfig, vocab_size: int) -> None:
+    for name in ("reset_position_ids", "eos_token_id"):
+        if getattr(d, name) != getattr(DataConfig, name) and not d.document_mask:
+            raise ConfigError(f"--{name} needs --document_mask")
+    if not -1 <= d.eos_token_id < vocab_size:
+        raise ConfigError(f"--eos_token_id {d.eos_token_id} must be -1 (the token cache's) or in "
+                          f"[0, --vocab_size {vocab_size})")
+    if d.document_mask and d.use_mock_data and d.eos_token_id == -1:
+        raise ConfigError("--document_mask with --use_mock_data needs --eos_token_id (mock data has no EOS token)")

@@ -43,6 +43,7 @@ from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import Config, ConfigError, validate_config
+from tinytron.training.documents import document_layout_fn
 from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
@@ -67,6 +68,7 @@ class Trainer:
             raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
                             "sets self.train_dataset / self.val_dataset)")
         self.train_dataset, self.val_dataset = datasets
+        self.document_layout = document_layout_fn(config, self.train_dataset, self.device)  # --document_mask
         self.model = self._init_model()
         # From here on the optimizer's flat buffers hold the model's parameters and gradients.
         self.optimizer = self._wrap_optimizer(self._init_optimizer())
@@ -205,12 +207,18 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _split_batch(self, batch: torch.Tensor):
         """batch: [b, T+1] full sequences (same on every rank of a SEP group) -> this rank's
-        inputs and targets [b, T/sep], their global position ids [1, T/sep], and the number of
-        valid targets of the FULL sequences (so per-rank losses sum to the full mean over SEP)."""
+        inputs and targets [b, T/sep], their position ids ([1, T/sep] global, or [b, T/sep] in
+        their documents with --reset_position_ids), the --document_mask over the FULL sequences
+        (None without), and the number of valid targets of the FULL sequences (so per-rank losses
+        sum to the full mean over SEP)."""
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
-        return *sequence_chunk(inputs, targets, ps.get_sep_rank(), ps.get_sep_size()), count
+        local_inputs, local_targets, positions = sequence_chunk(inputs, targets, ps.get_sep_rank(), ps.get_sep_size())
+        mask = None
+        if self.document_layout is not None:
+            mask, positions = self.document_layout(inputs, positions)
+        return local_inputs, local_targets, positions, mask, count
 
     def _autocast(self):
         if self.config.training.precision == "bf16":
@@ -220,9 +228,9 @@ class Trainer:
     def _forward_loss(self, batch: torch.Tensor):
         """-> (language-model loss, auxiliary loss, expert load [layers, experts] or None for dense
         models) of one micro-batch on this rank, as tensors."""
-        inputs, targets, positions, count = self._split_batch(batch)
+        inputs, targets, positions, mask, count = self._split_batch(batch)
         with self._autocast():
-            out = self.model(inputs, position_ids=positions, return_aux=True)
+            out = self.model(inputs, position_ids=positions, return_aux=True, document_mask=mask)
         lm = cross_entropy_sum(out.logits, targets) / count.clamp(min=1)
         return lm, out.aux_loss, out.expert_load
 
@@ -271,12 +279,12 @@ class Trainer:
         totals = torch.zeros(2, device=self.device)
         # A private generator, so validation never draws from the global (dropout) RNG.
         for i, batch in enumerate(DataLoader(val, batch_size=t.batch_size, generator=torch.Generator())):
-            inputs, targets, positions, _ = self._split_batch(batch)
+            inputs, targets, positions, mask, _ = self._split_batch(batch)
             if pad:
                 rows = i * t.batch_size + torch.arange(len(batch), device=targets.device)
                 targets = targets.masked_fill((rows >= len(mine))[:, None], IGNORE_INDEX)
             with self._autocast():
-                logits = self.model(inputs, position_ids=positions)
+                logits = self.model(inputs, position_ids=positions, document_mask=mask)
             totals += torch.stack((cross_entropy_sum(logits, targets),
                                    (targets != IGNORE_INDEX).sum().float()))
         self.model.train()

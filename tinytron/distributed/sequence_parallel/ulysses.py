@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinytron.distributed.all_to_all import all_to_all
+from tinytron.model.document_mask import DocumentMask
 from tinytron.model.gpt import Attention
 
 
@@ -45,7 +46,8 @@ class UlyssesAttention(nn.Module):
     allowed) on sequence-sharded inputs over `group` (the SEP group).
 
     forward: q [B, T/sep, H, D], k, v [B, T/sep, Hkv, D], chunk `sep_rank` of the sequences, RoPE
-    already applied with global positions -> [B, T/sep, H, D], sequence-sharded like q. Raises
+    already applied with global positions, and optionally the attention's mask over the FULL
+    sequences (a `DocumentMask`), passed on as it is -> [B, T/sep, H, D], sequence-sharded like q. Raises
     ValueError unless H % sep == 0 and Hkv, sep divide one another.
     """
 
@@ -54,7 +56,8 @@ class UlyssesAttention(nn.Module):
         self.attention = attention
         self.group = group
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                document_mask: DocumentMask | None = None) -> torch.Tensor:
         sep = dist.get_world_size(self.group)
         if q.shape[2] % sep:
             # Every rank must get the same number of whole query heads; raised identically on every
@@ -69,7 +72,7 @@ class UlyssesAttention(nn.Module):
             v = v.repeat_interleave(send_kv // num_kv, dim=2)
         q = all_to_all(q, self.group, scatter_dim=2, gather_dim=1)                      # [B, T, H/sep, D]
         kv = all_to_all(torch.stack((k, v)), self.group, scatter_dim=3, gather_dim=2)   # [2, B, T, Hkv', D]
-        y = self.attention(q, kv[0], kv[1])                                             # [B, T, H/sep, D]
+        y = self.attention(q, kv[0], kv[1], document_mask)                              # [B, T, H/sep, D]
         return all_to_all(y, self.group, scatter_dim=1, gather_dim=2)                   # [B, T/sep, H, D]
 
 
