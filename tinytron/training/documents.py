@@ -2,8 +2,6 @@
 (tinytron/model/document_mask.py) computed from the FULL sequences before the sequence-parallel
 split."""
 
-from functools import partial
-
 import torch
 
 from tinytron.model.document_mask import document_layout
@@ -33,6 +31,9 @@ def document_layout_fn(config: Config, dataset, device: torch.device):
     no dropout)."""
     if not config.data.document_mask:
         return None
+    eos, reset = dataset_eos_id(config, dataset), config.data.reset_position_ids
     use_flex = device.type == "cuda" and config.model.dropout == 0
-    return partial(document_layout, eos_token_id=dataset_eos_id(config, dataset),
-                   reset_positions=config.data.reset_position_ids, use_flex=use_flex)
+
+    def layout(inputs: torch.Tensor, positions: torch.Tensor):
+        return document_layout(inputs, eos, positions, reset, use_flex)
+    return layout

@@ -1,0 +1,178 @@
+"""--document_mask: a window holding several documents computes what each document computes alone.
+
+Reference (independent of the mask): every document cut out of the window and run through the plain
+causal model on its own, with its original positions in the window (offset position ids), or with
+positions from 0 under --reset_position_ids. The EOS closes its document. The window's logits must
+equal the documents' logits, and the gradient of the window's summed loss the sum of the documents'
+(the loss is a sum over tokens, so it splits by document), for both engines (SDPA's boolean mask;
+flex_attention's block mask, here torch's eager CPU implementation of it), in one process and under
+Ulysses at sep 2 and 4 (gloo), MHA and GQA. Tolerance 1e-5 relative to the largest element (fp32):
+the two sides differ only in summation order (softmax over masked-out keys, matmuls of other shapes,
+the SEP all-reduce of the gradients), measured below 1e-6; a token seeing another document or a wrong
+position gives errors of order 1e-1.
+
+Trainer: the same run with the mask at sep 1 and sep 2 gives the same losses and grad norms (1e-5,
+as tests/test_parallel_training.py), and the mask changes them (it is applied); off by default and
+then the step is bitwise the plain causal model's.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.dist_helper import run_distributed
+from tests.document_windows import DOCS, EOS, T, build_model, documents_alone, sep_checks, window, window_run
+from tests.test_parallel_training import RecordingTrainer
+from tests.utils import max_rel, tiny_config
+from tinytron.data.mock import MockDataset
+from tinytron.distributed.sequence_parallel import sequence_chunk
+from tinytron.model.document_mask import document_layout
+from tinytron.model.gpt import cross_entropy_sum
+from tinytron.training import Trainer
+from tinytron.training.config import ConfigError, validate_config
+
+
+def _assert_same(actual, expected, what: str) -> None:
+    logits, grads = actual
+    ref_logits, ref_grads = expected
+    assert max_rel(logits, ref_logits) < 1e-5, f"{what} logits: {max_rel(logits, ref_logits):.2e}"
+    for name, grad in ref_grads.items() if grads is not None else ():
+        assert max_rel(grads[name], grad) < 1e-5, f"{what} grad {name}: {max_rel(grads[name], grad):.2e}"
+
+
+HEADS = [(4, 4), (8, 4), (4, 1)]   # MHA, GQA, MQA
+CASES = [(h, kv, reset, flex) for h, kv in HEADS for reset in (False, True) for flex in (False, True)]
+
+
+def test_window_equals_documents_alone():
+    idx, targets = window()
+    for heads, kv_heads, reset, flex in CASES:
+        out = window_run(build_model(heads, kv_heads), idx, targets, reset, flex)
+        _assert_same(out, documents_alone(heads, kv_heads, reset), f"heads {heads}/{kv_heads} reset {reset} "
+                     f"flex {flex}")
+
+
+def test_positions_restart_at_each_document():
+    """The position ids each SEP rank gets: its chunk of [0..n-1 for each document] with
+    --reset_position_ids, its global positions without."""
+    idx, _ = window()
+    per_document = torch.tensor([[p for n in lengths for p in range(n)] for lengths in DOCS])
+    for sep in (1, 2, 4):
+        for rank in range(sep):
+            chunk = slice(rank * T // sep, (rank + 1) * T // sep)
+            _, _, global_positions = sequence_chunk(idx, idx, rank, sep)
+            _, reset = document_layout(idx, EOS, global_positions, True, False)
+            _, kept = document_layout(idx, EOS, global_positions, False, False)
+            assert torch.equal(reset, per_document[:, chunk]) and torch.equal(kept, torch.arange(T)[None, chunk])
+
+
+# Under Ulysses: GQA with the kv heads split over the group, and one kv head replicated to every
+# rank; both position modes; both engines at sep 2 (the mask object only passes through the
+# all-to-alls, so sep 4 checks SDPA's, sparing four processes the flex_attention start-up).
+SEP_CASES = {2: [(8, 4, False, False), (4, 1, True, False), (8, 4, True, True), (4, 1, False, True)],
+             4: [(8, 4, False, False), (4, 1, True, False)]}
+
+
+def _assert_ulysses(results: list, sep: int) -> None:
+    for i, (heads, kv_heads, reset, flex) in enumerate(SEP_CASES[sep]):
+        expected = documents_alone(heads, kv_heads, reset)
+        for rank, out in enumerate(results):
+            _assert_same(out[i], expected, f"sep {sep} rank {rank} heads {heads}/{kv_heads} reset {reset} flex {flex}")
+
+
+class PackedDocuments(MockDataset):
+    """Mock sequences with an EOS (id 0) at 20% of the tokens: several documents per window."""
+    eos_token_id = EOS
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        tokens = super().__getitem__(i)
+        ends = np.random.default_rng([self.seed, self.split_id, i, 7]).random(len(tokens)) < 0.2
+        return tokens.masked_fill(torch.from_numpy(ends), EOS)
+
+
+class DocumentsTrainer(RecordingTrainer):
+    def _init_dataset(self):
+        n, t, v, s = 256, self.config.training.seq_len, self.config.model.vocab_size, self.config.training.seed
+        return PackedDocuments(n, t, v, s, "train"), PackedDocuments(32, t, v, s, "val")
+
+
+TRAIN = ["--no-use_mock_data", "--max_steps", "6", "--no-do_save", "--val_every_steps", "3",
+         "--total_batch_size", "256"]
+MASKED = {"mask": ["--document_mask"], "mask reset": ["--document_mask", "--reset_position_ids"]}
+
+
+def _train(log_dir, *flags):
+    trainer = DocumentsTrainer(tiny_config(log_dir, *TRAIN, *flags))
+    trainer.history, trainer.val_history = [], []
+    trainer.train()
+    return np.array(trainer.history), np.array(trainer.val_history)
+
+
+def _world2_job(log_dir: str) -> dict:
+    """One spawned world of 2 for both sep-2 tests (spawning costs more than the checks)."""
+    checks = sep_checks(2, SEP_CASES[2])
+    return {"model": checks, "train": {name: _train(f"{log_dir}/{name}", "--sep_size", "2", *flags)
+                                      for name, flags in MASKED.items()}}
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return run_distributed(_world2_job, 2, str(tmp_path_factory.mktemp("sep2")))
+
+
+def test_window_equals_documents_alone_at_sep2(world2):
+    _assert_ulysses([out["model"] for out in world2], 2)
+
+
+def test_window_equals_documents_alone_at_sep4():
+    _assert_ulysses(run_distributed(sep_checks, 4, 4, SEP_CASES[4]), 4)
+
+
+def test_training_with_the_mask_matches_across_sep(world2, tmp_path):
+    sep2 = world2[0]["train"]
+    plain, _ = _train(tmp_path / "plain")
+    for name, flags in MASKED.items():
+        (ref, ref_val), (got, got_val) = _train(tmp_path / name, *flags), sep2[name]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got_val, ref_val, rtol=1e-5, err_msg=name)
+        assert np.abs(ref[1:, 0] - plain[1:, 0]).max() > 1e-3, f"{name}: the mask changed nothing"
+
+
+def test_off_by_default_and_bitwise_unchanged(tmp_path):
+    """Default flags: no mask, and a micro-batch holding EOS tokens gives bitwise the loss of the
+    plain causal model called as before the feature (no mask argument)."""
+    trainer = DocumentsTrainer(tiny_config(tmp_path, *TRAIN))
+    assert trainer.document_layout is None
+    batch = torch.stack([trainer.train_dataset[i] for i in range(2)])
+    assert (batch == EOS).any()
+    lm, _, _ = trainer._forward_loss(batch)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    expected = cross_entropy_sum(trainer.model(inputs, position_ids=torch.arange(T)[None]), targets) / targets.numel()
+    assert torch.equal(lm, expected)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reset_position_ids"], "--reset_position_ids needs --document_mask"),
+    (["--eos_token_id", "3"], "--eos_token_id needs --document_mask"),
+    (["--document_mask"], "--document_mask with --use_mock_data needs --eos_token_id"),
+    (["--document_mask", "--eos_token_id", "64"], "--eos_token_id 64 must be -1 (the token cache's) or in [0, "
+                                                  "--vocab_size 64)"),
+])
+def test_bad_flags(tmp_path, flags, message):
+    with pytest.raises(ConfigError) as e:
+        validate_config(tiny_config(tmp_path, *flags), 1)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eos_must_come_from_the_dataset_or_agree_with_it(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        DocumentsTrainer(tiny_config(tmp_path, *TRAIN, "--document_mask", "--eos_token_id", "3"))
+    assert str(e.value) == "--eos_token_id 3 differs from the dataset's EOS id [0]"
+    with pytest.raises(ConfigError) as e:
+        NoEosTrainer(tiny_config(tmp_path, *TRAIN, "--document_mask"))
+    assert str(e.value) == "--document_mask: the training dataset has no eos_token_id; pass --eos_token_id"
+
+
+class NoEosTrainer(Trainer):
+    def _init_dataset(self):
+        return MockDataset(256, 16, 64, 0), MockDataset(32, 16, 64, 0, "val")
