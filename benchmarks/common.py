@@ -3,6 +3,7 @@ and the markdown output (printed, and appended to a doc with --append)."""
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tinytron.distributed.runtime import init_runtime
-from tinytron.model import ModelConfig
+from tinytron.model import GPT, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,38 @@ PRESETS = {
 
 # --dtype: the autocast dtype; parameters, gradients and AdamW state stay fp32 either way.
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of the one-process step benchmarks (throughput, document_mask): the model
+    --preset, --device, --dtype, --batch, --seq_len, --warmup and timed --steps, --threads,
+    --compile and --append."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    p.add_argument("--dtype", choices=sorted(AUTOCAST_DTYPES), default="fp32")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
+    p.add_argument("--seq_len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=3, help="steps per variant not timed")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")
+    return p
+
+
+def preset_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT, ModelConfig, int, int]:
+    """The `step_parser` flags' GPT (seed 0, block_size = the sequence length) in training mode on
+    `device`, every block compiled with --compile -> (model, its config, batch, seq_len)."""
+    preset = PRESETS[args.preset]
+    batch, seq_len = args.batch or preset.batch, args.seq_len or preset.seq_len
+    config = dataclasses.replace(preset.config, block_size=seq_len)
+    torch.manual_seed(0)
+    model = GPT(config).to(device).train()
+    if args.compile:
+        for layer in model.layers:
+            layer.compile(fullgraph=True)
+    return model, config, batch, seq_len
 
 
 def synchronize(device: torch.device) -> None:

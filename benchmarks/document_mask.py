@@ -14,15 +14,13 @@ process CPU time per step, which other processes' load inflates far less.
 """
 
 import argparse
-import dataclasses
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, report
+from benchmarks.common import AUTOCAST_DTYPES, TrainStep, markdown_table, preset_model, report, step_parser
 from benchmarks.throughput import measure
-from tinytron.model import GPT
 from tinytron.model.document_mask import document_layout
 from tinytron.model.gpt import cross_entropy_loss
 
@@ -31,18 +29,8 @@ OFF, MASK, RESET = "mask off (causal)", "--document_mask", "--document_mask --re
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
-    p.add_argument("--dtype", choices=sorted(AUTOCAST_DTYPES), default="fp32")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
-    p.add_argument("--seq_len", type=int, help="tokens per sequence (default: the preset's)")
+    p = step_parser(__doc__.splitlines()[0])
     p.add_argument("--doc_len", type=float, default=64.0, help="mean document length in tokens")
-    p.add_argument("--warmup", type=int, default=3, help="steps per variant not timed")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
-    p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")
     return p.parse_args()
 
 
@@ -51,14 +39,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    preset = PRESETS[args.preset]
-    batch, seq_len = args.batch or preset.batch, args.seq_len or preset.seq_len
-    config = dataclasses.replace(preset.config, block_size=seq_len)
-    torch.manual_seed(0)
-    model = GPT(config).to(device).train()
-    if args.compile:
-        for layer in model.layers:
-            layer.compile(fullgraph=True)
+    model, config, batch, seq_len = preset_model(args, device)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(1, config.vocab_size, (batch, seq_len + 1), generator=g)
     data[torch.rand(batch, seq_len + 1, generator=g) < 1 / args.doc_len] = EOS

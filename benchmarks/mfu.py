@@ -19,14 +19,13 @@
 """
 
 import argparse
-import dataclasses
 import statistics
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, report
-from tinytron.model import GPT, ModelConfig
+from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, preset_model, report
+from tinytron.model import ModelConfig
 from tinytron.utils.profile import counted_flops_per_token, flops_per_token, mfu, model_flop_counter, peak_flops
 
 _SMALL = dict(vocab_size=2048, num_layer=2, hidden_size=256, num_attention_heads=8, intermediate_size=688)
@@ -56,14 +55,7 @@ def check_table() -> str:
 
 
 def mfu_table(args, device: torch.device, peak: float) -> str:
-    preset = PRESETS[args.preset]
-    batch, seq_len = args.batch or preset.batch, args.seq_len or preset.seq_len
-    config = dataclasses.replace(preset.config, block_size=seq_len)
-    torch.manual_seed(0)
-    model = GPT(config).to(device).train()
-    if args.compile:
-        for layer in model.layers:
-            layer.compile(fullgraph=not config.use_moe)
+    model, config, batch, seq_len = preset_model(args, device)  # the presets are dense: fullgraph
     data = torch.randint(config.vocab_size, (batch, seq_len + 1), device=device)
     step = TrainStep(model, lambda: model(data[:, :-1], data[:, 1:])[1], device, AUTOCAST_DTYPES[args.dtype])
     times = [step()[0] for _ in range(args.warmup + args.steps)][args.warmup:]

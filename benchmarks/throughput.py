@@ -26,7 +26,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, report
+from benchmarks.common import AUTOCAST_DTYPES, PRESETS, TrainStep, markdown_table, report, step_parser
 from tinytron.interop.hf import to_hf_model
 from tinytron.model import GPT
 from tinytron.model.gpt import cross_entropy_loss
@@ -35,19 +35,9 @@ OURS, HF = "Tinytron GPT", "HF LlamaForCausalLM"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
-    p.add_argument("--dtype", choices=sorted(AUTOCAST_DTYPES), default="fp32")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
-    p.add_argument("--seq_len", type=int, help="tokens per sequence (default: the preset's)")
-    p.add_argument("--warmup", type=int, default=3, help="steps per model not timed")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block of both models")
+    p = step_parser(__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true",
                    help="also print the top ops by self time of 3 profiled steps per model")
-    p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")
     return p.parse_args()
 
 
