@@ -31,7 +31,7 @@ OUT_OF_RANGE = {
     "--adam_eps": ("0", "1e-12"),
     # data
     "--mock_data_num_samples": ("0", "128"), "--num_workers": ("-1", "0"), "--val_fraction": ("1.0", "0"),
-    "--tokenize_num_proc": ("0", "1"),
+    "--tokenize_num_proc": ("0", "1"), "--eos_token_id": ("-2", "-1"),
     # parallel
     "--sep_size": ("0", "1"), "--dist_timeout_minutes": ("0", "0.5"),
     # checkpoint

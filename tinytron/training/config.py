@@ -295,11 +295,12 @@ def validate_config(cfg: Config, world_size: int) -> int:
 
 
 def _validate_document_mask(d: DataConfig, vocab_size: int) -> None:
-    for name in ("reset_position_ids", "eos_token_id"):
-        if getattr(d, name) != getattr(DataConfig, name) and not d.document_mask:
-            raise ConfigError(f"--{name} needs --document_mask")
+    # The range depends on --vocab_size, and -1 is a sentinel: checked here, not by a `bound`.
     if not -1 <= d.eos_token_id < vocab_size:
         raise ConfigError(f"--eos_token_id {d.eos_token_id} must be -1 (the token cache's) or in "
                           f"[0, --vocab_size {vocab_size})")
+    for name in ("reset_position_ids", "eos_token_id"):
+        if getattr(d, name) != getattr(DataConfig, name) and not d.document_mask:
+            raise ConfigError(f"--{name} needs --document_mask")
     if d.document_mask and d.use_mock_data and d.eos_token_id == -1:
         raise ConfigError("--document_mask with --use_mock_data needs --eos_token_id (mock data has no EOS token)")
