@@ -110,19 +110,23 @@ def _run_layouts(log_dir: str, layouts: list[list[str]]) -> list:
         trainer = Trainer(tiny_config(f"{log_dir}/{i}", *flags))
         trainer.train()
         record = read_records(os.path.join(trainer.run_dir, "metrics.jsonl"))[-1]
-        out.append((record, trainer.downstream.evaluate(trainer.model, trainer._autocast)["shakespeare_mc"]))
+        scores = trainer.downstream.evaluate(trainer.model, trainer._autocast)["shakespeare_mc"]
+        out.append((record, scores, len(trainer.downstream.batches)))
     return out
 
 
 def test_world_1_and_2_score_the_same(tmp_path):
-    """Dense at dp 2 and at sep 2 (Ulysses), MoE at sep 2 (experts split): the same accuracies as
-    world 1 exactly, in metrics.jsonl too, and the same log-likelihoods within TOL (2 training
-    steps in another summation order, then the scoring's own)."""
-    layouts = [PARITY + ["--sep_size", "1"], PARITY + ["--sep_size", "2"], PARITY + MOE + ["--sep_size", "2"]]
+    """Dense at dp 2 and at sep 2 (Ulysses), MoE at sep 2 (experts split), dense at dp 2 with
+    --fsdp (the ranks hold different numbers of batches; FSDP's forwards are collective): the same
+    accuracies as world 1 exactly, in metrics.jsonl too, and the same log-likelihoods within TOL (2
+    training steps in another summation order, then the scoring's own)."""
+    layouts = [PARITY + ["--sep_size", "1"], PARITY + ["--sep_size", "2"], PARITY + MOE + ["--sep_size", "2"],
+               PARITY + ["--sep_size", "1", "--fsdp"]]
     world2 = run_distributed(_run_layouts, 2, str(tmp_path / "w2"), layouts)
-    assert [s for _, s in world2[0]] == [s for _, s in world2[1]]  # every rank has every result
+    assert [s for _, s, _ in world2[0]] == [s for _, s, _ in world2[1]]  # every rank has every result
+    assert world2[0][3][2] != world2[1][3][2]  # the --fsdp ranks hold different numbers of batches
     dense, moe = _run_layouts(str(tmp_path / "w1"), [PARITY, PARITY + MOE])
-    for (record, score), (ref_record, ref) in zip(world2[0], [dense, dense, moe]):
+    for (record, score, _), (ref_record, ref, _) in zip(world2[0], [dense, dense, moe, dense]):
         assert (score.acc, score.acc_norm) == (ref.acc, ref.acc_norm)
         assert {k: v for k, v in record.items() if k.startswith("eval/")} == \
                {k: v for k, v in ref_record.items() if k.startswith("eval/")} != {}

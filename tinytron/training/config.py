@@ -263,8 +263,6 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(str(e)) from None
     if p.fsdp and not o.use_distributed_optimizer:
         raise ConfigError("--fsdp shards the optimizer state itself: drop --no-use_distributed_optimizer")
-    if p.fsdp and t.eval_tasks:   # its DP ranks score different numbers of batches; FSDP forwards are collective
-        raise ConfigError("--fsdp does not support --eval_tasks yet: drop one of them")
     if cfg.logging.log_expert_load and not m.use_moe:
         raise ConfigError("--log_expert_load needs --use_moe (a dense model has no experts)")
     if m.use_moe and m.num_experts % sep:

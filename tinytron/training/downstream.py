@@ -55,12 +55,14 @@ class DownstreamEval:
 
     tasks: {name: items} (read_tasks); tokenizer: a transformers tokenizer; max_len: the model's
     block_size (longest input); max_tokens: padded tokens per forward (rows x length; at least one
-    row); vocab_size: token ids must be below it. Raises ValueError (one line) for an item that
-    cannot be scored. Takes DP rank/size and SEP size from parallel_state: build it after
-    init_runtime."""
+    row); vocab_size: token ids must be below it; equal_forwards: every rank runs as many forwards
+    (the model's forwards are collective over the world, as with --fsdp: the DP ranks' items differ
+    in number and length). Raises ValueError (one line) for an item that cannot be scored. Takes DP
+    rank/size and SEP size from parallel_state: build it after init_runtime."""
 
-    def __init__(self, tasks: dict[str, list[Item]], tokenizer, max_len: int, max_tokens: int, vocab_size: int):
-        self.tasks = tasks
+    def __init__(self, tasks: dict[str, list[Item]], tokenizer, max_len: int, max_tokens: int, vocab_size: int,
+                 equal_forwards: bool = False):
+        self.tasks, self.equal_forwards = tasks, equal_forwards
         items = [item for task in tasks.values() for item in task]
         self.offsets = np.cumsum([0] + [len(item.endings) for item in items])  # item k's endings start here
         sep, dp_rank, dp_size = ps.get_sep_size(), ps.get_dp_rank(), ps.get_dp_size()
@@ -100,7 +102,7 @@ class DownstreamEval:
         was_training = model.training
         model.eval()
         logliks = torch.zeros(int(self.offsets[-1]), dtype=torch.float64, device=device)
-        for inputs, targets, index in self.batches:
+        for inputs, targets, index in self._batches_to_run(device):
             inputs, targets, positions = sequence_chunk(inputs.to(device, non_blocking=True),
                                                         targets.to(device, non_blocking=True),
                                                         ps.get_sep_rank(), ps.get_sep_size())
@@ -119,6 +121,18 @@ class DownstreamEval:
             agree_on_stop(signals, totals[len(logliks):].tolist())
         return self._scores(totals[:len(logliks)])
 
+    def _batches_to_run(self, device: torch.device) -> list:
+        """This rank's batches; with equal_forwards, padded to the most any rank has with batches
+        that score nothing (one row of ignored targets, added to slot 0)."""
+        if not (self.equal_forwards and dist.is_initialized()):
+            return self.batches
+        count = torch.tensor([len(self.batches)], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        sep = ps.get_sep_size()
+        empty = (torch.zeros(1, sep, dtype=torch.long), torch.full((1, sep), IGNORE_INDEX),
+                 torch.zeros(1, dtype=torch.long))
+        return self.batches + [empty] * (int(count.item()) - len(self.batches))
+
     def _scores(self, logliks: np.ndarray) -> dict[str, TaskScore]:
         """Per task: lm-eval's acc and acc_norm from every ending's log-likelihood (float64)."""
         scores, k = {}, 0
@@ -136,16 +150,16 @@ class DownstreamEval:
         return scores
 
 
-def downstream_from_config(cfg: Config) -> DownstreamEval | None:
+def downstream_from_config(cfg: Config, equal_forwards: bool) -> DownstreamEval | None:
     """The Trainer's DownstreamEval for --eval_tasks (None without), tokenized with --tokenizer,
-    at most --batch_size x --seq_len tokens per forward. ConfigError for a bad task file or
-    tokenizer."""
+    at most --batch_size x --seq_len tokens per forward (equal_forwards: see DownstreamEval).
+    ConfigError for a bad task file or tokenizer."""
     if not cfg.training.eval_tasks:
         return None
     from tinytron.interop.hf import load_tokenizer  # lazy: transformers stays optional
     t = cfg.training
     try:
         return DownstreamEval(read_tasks(t.eval_tasks), load_tokenizer(cfg.data.tokenizer), cfg.model.block_size,
-                              t.batch_size * t.seq_len, cfg.model.vocab_size)
+                              t.batch_size * t.seq_len, cfg.model.vocab_size, equal_forwards)
     except ValueError as e:
         raise ConfigError(f"--eval_tasks: {e}") from None

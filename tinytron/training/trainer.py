@@ -62,7 +62,8 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self._init_runtime()
-        self.downstream = downstream_from_config(config)  # --eval_tasks, tokenized once (None without)
+        # --eval_tasks, tokenized once (None without); FSDP forwards are collective: equal counts
+        self.downstream = downstream_from_config(config, equal_forwards=self.fsdp)
         datasets = self._init_dataset()
         if datasets is None:
             raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
