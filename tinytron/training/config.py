@@ -60,6 +60,18 @@ class OptimConfig:
     adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
     use_distributed_optimizer: bool = field(default=True, metadata=_help(
         "ZeRO-1: shard optimizer state over data-parallel ranks"))
+    optimizer: str = field(default="adamw", metadata=_help(
+        "adamw, or muon: Muon on the blocks' weight matrices, AdamW on the rest (training/muon.py)",
+        choices=("adamw", "muon")))
+    muon_lr: float = field(default=0.0, metadata=_help(
+        "Muon's peak learning rate (0: --max_lr, Moonlight's recipe with --muon_adjust_lr match_rms_adamw)"))
+    muon_momentum: float = field(default=0.95, metadata=_help("Muon momentum"))
+    muon_weight_decay: float = field(default=0.1, metadata=_help("Muon decoupled weight decay"))
+    muon_nesterov: bool = field(default=True, metadata=_help("Muon Nesterov momentum"))
+    muon_ns_steps: int = field(default=5, metadata=_help("Muon Newton-Schulz iterations"))
+    muon_adjust_lr: str = field(default="match_rms_adamw", metadata=_help(
+        "Muon's per-matrix lr scale: match_rms_adamw (Moonlight: 0.2 sqrt(max(rows, cols))) or original "
+        "(sqrt(max(1, rows / cols)))", choices=("match_rms_adamw", "original")))
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,8 @@ _NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "activat
                       "data_cache_dir", "tokenize_num_proc", "max_skipped_steps"}
 # Fields added after the first release enter the hash only when set to a non-default value, so
 # a run started with an older Tinytron keeps its folder (and auto-resumes) after an upgrade.
-_HASHED_IF_SET = {"val_max_tokens", "dataset_weights"}
+_HASHED_IF_SET = {"val_max_tokens", "dataset_weights", "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay",
+                  "muon_nesterov", "muon_ns_steps", "muon_adjust_lr"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +249,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--warmup_steps {o.warmup_steps} must be smaller than --max_steps {t.max_steps}")
     if o.min_lr > o.max_lr:
         raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
+    if o.optimizer == "muon":
+        _validate_muon(o)
     if t.val_every_steps <= 0 or cfg.checkpoint.save_every_steps <= 0:
         raise ConfigError("--val_every_steps and --save_every_steps must be positive")
     if t.val_max_tokens < 0 or 0 < t.val_max_tokens < t.seq_len:
@@ -252,3 +267,14 @@ def validate_config(cfg: Config, world_size: int) -> int:
     if cfg.checkpoint.skip_data_steps < 0:
         raise ConfigError(f"--skip_data_steps {cfg.checkpoint.skip_data_steps} must be >= 0")
     return t.total_batch_size // tokens_per_micro_step
+
+
+def _validate_muon(o: OptimConfig) -> None:
+    if o.max_lr <= 0:
+        raise ConfigError(f"--max_lr {o.max_lr} must be positive with --optimizer muon (it scales --muon_lr's schedule)")
+    if o.muon_lr < 0 or o.muon_weight_decay < 0:
+        raise ConfigError(f"--muon_lr {o.muon_lr} and --muon_weight_decay {o.muon_weight_decay} must be >= 0")
+    if not 0 <= o.muon_momentum < 1:
+        raise ConfigError(f"--muon_momentum {o.muon_momentum} must be in [0, 1)")
+    if not 1 <= o.muon_ns_steps < 100:
+        raise ConfigError(f"--muon_ns_steps {o.muon_ns_steps} must be in [1, 100)")

@@ -107,9 +107,10 @@ class FlatBuffer:
     sharded=True: gradients are reduce-scattered (each rank keeps its shard of each bucket) and
     params all-gathered after the optimizer updated the shards. sharded=False: gradients are
     all-reduced and every rank updates every param. A group of size 1 (or None) never communicates.
+    layout: bucket_layout, or whole_matrices.owner_layout (each param inside one rank's shard).
     """
 
-    def __init__(self, params: list[nn.Parameter], group, bucket_numel: int, sharded: bool):
+    def __init__(self, params: list[nn.Parameter], group, bucket_numel: int, sharded: bool, layout=None):
         self.group = group
         self.size, self.rank = group_size(group), group_rank(group)
         self.sharded = sharded and self.size > 1
@@ -119,7 +120,8 @@ class FlatBuffer:
                 raise ValueError(f"parameters reduced over one group must share dtype and device; "
                                  f"got {dtype}/{device} and {p.dtype}/{p.device}")
 
-        offsets, self.buckets, members = bucket_layout([p.numel() for p in params], bucket_numel, self.size)
+        offsets, self.buckets, members = (layout or bucket_layout)([p.numel() for p in params], bucket_numel,
+                                                                   self.size)
         self.offsets: dict[nn.Parameter, int] = dict(zip(params, offsets))  # param -> flat start
         self.bucket_params = [[params[i] for i in m] for m in members]      # the params of each bucket
         numel = self.buckets[-1][1]
