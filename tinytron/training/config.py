@@ -271,7 +271,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
 
 def _validate_muon(o: OptimConfig) -> None:
     if o.max_lr <= 0:
-        raise ConfigError(f"--max_lr {o.max_lr} must be positive with --optimizer muon (it scales --muon_lr's schedule)")
+        raise ConfigError(f"--max_lr {o.max_lr} must be positive with --optimizer muon (it scales "
+                          "--muon_lr's schedule)")
     if o.muon_lr < 0 or o.muon_weight_decay < 0:
         raise ConfigError(f"--muon_lr {o.muon_lr} and --muon_weight_decay {o.muon_weight_decay} must be >= 0")
     if not 0 <= o.muon_momentum < 1:

@@ -26,8 +26,8 @@ def owner_layout(numels: list[int], bucket_numel: int, size: int
     group of `size` ranks: the same triple as grad_buffer.bucket_layout (flat start of each
     tensor, [start, end) of each bucket, the tensor indices of each bucket in packing order).
     A bucket closes before the tensor that would take it over `bucket_numel` elements, once it
-    holds at least `size` tensors (so that every rank owns one). Rank r's shard of a bucket is its segment r. A pure function:
-    tinytron.training.memory sizes buffers with it."""
+    holds at least `size` tensors (so that every rank owns one). Rank r's shard of a bucket is its
+    segment r. A pure function: tinytron.training.memory sizes buffers with it."""
     owned = [0] * size                        # elements each rank owns so far
     offsets = [0] * len(numels)
     buckets, members = [], []
