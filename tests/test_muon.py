@@ -27,10 +27,12 @@ from tests.dist_helper import run_distributed
 from tests.utils import rel, tiny_config
 from tinytron.data.mock import MockDataset
 from tinytron.data.sampler import GlobalBatchSampler
+from tinytron.distributed.zero1.optimizer_state import read_state_dict
 from tinytron.distributed.zero1.whole_matrices import owner_layout
 from tinytron.model import GPT
 from tinytron.model.gpt import cross_entropy_sum
 from tinytron.training import Trainer
+from tinytron.training import checkpoint as ckpt
 from tinytron.training.schedule import lr_at
 from tinytron.training.weights import read_checkpoint
 
@@ -49,16 +51,15 @@ RESUMED_AT_4 = MOE + ["--sep_size", "2", "--no-use_distributed_optimizer"]   # d
 def test_owner_layout_puts_each_tensor_in_one_shard():
     numels = [96, 32, 7, 300, 96, 32, 5, 64, 64, 64, 1]
     for size in (1, 2, 3, 4):
-        offsets, buckets, members = owner_layout(numels, 200, size)
+        offsets, buckets, members, segments = owner_layout(numels, 200, size)
         owned = [0] * size
-        for b, ((start, end), idx) in enumerate(zip(buckets, members)):
-            assert (end - start) % size == 0 and (len(idx) >= size or b == len(buckets) - 1)
-            seg = (end - start) // size
-            spans = sorted((offsets[i], offsets[i] + numels[i]) for i in idx)
-            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))   # no overlap
+        assert buckets[0][0] == 0 and all(a[1] == b[0] for a, b in zip(buckets, buckets[1:]))   # no padding
+        for (start, end), idx, seg in zip(buckets, members, segments):
+            assert seg[0][0] == start and seg[-1][1] == end and all(a[1] == b[0] for a, b in zip(seg, seg[1:]))
+            assert sum(numels[i] for i in idx) == end - start and (end - start <= 200 or len(idx) == 1)
             for i in idx:
-                r = (offsets[i] - start) // seg
-                assert start + r * seg <= offsets[i] and offsets[i] + numels[i] <= start + (r + 1) * seg
+                r = next(r for r, (lo, hi) in enumerate(seg) if lo <= offsets[i] < hi)
+                assert offsets[i] + numels[i] <= seg[r][1]
                 owned[r] += numels[i]
         assert sorted(i for m in members for i in m) == list(range(len(numels)))
         assert max(owned) <= sum(numels) / size + max(numels)   # Graham's list-scheduling bound
@@ -123,9 +124,12 @@ def reference(flags: list[str], log_dir: str) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in model.state_dict().items()}
 
 
-def _train(log_dir: str, flags: list[str], *more: str) -> str:
+def _train(log_dir: str, flags: list[str], *more: str, states: dict | None = None) -> str:
+    """Train; -> the run folder. `states`: gets the optimizer's state_dict() under the run folder."""
     trainer = Trainer(tiny_config(log_dir, *flags, *more))
     trainer.train()
+    if states is not None:
+        states[trainer.run_dir] = trainer.optimizer.state_dict()
     return trainer.run_dir
 
 
@@ -145,7 +149,9 @@ def _world(log_dir: str, layouts: dict, resume_from: str | None) -> dict:
     """Train every layout (fp32 Newton-Schulz); resume RESUMED (this world's own, or `resume_from`)
     from its step-3 checkpoint."""
     torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
-    runs = {name: _train(f"{log_dir}/{i}", flags) for i, (name, flags) in enumerate(layouts.items())}
+    states = {}
+    runs = {name: _train(f"{log_dir}/{i}", flags, states=states) for i, (name, flags) in enumerate(layouts.items())}
+    runs["states"] = states
     source = _resume_at_step_3(resume_from or runs[RESUMED])
     flags = WORLD2[RESUMED] if resume_from is None else RESUMED_AT_4
     runs["resumed"] = _train(f"{log_dir}/resumed", flags, "--resume_path", source)
@@ -172,6 +178,12 @@ def test_muon_parity_with_single_process_reference(runs, tmp_path, fp32_newton_s
 
 def test_muon_resume_exact_and_across_layouts(runs, tmp_path, fp32_newton_schulz):
     w2, w4 = runs
+    for run_dir, state in {**w2["states"], **w4["states"]}.items():   # gathered == saved, every layout
+        saved = read_state_dict(os.path.join(ckpt.find_latest(run_dir), "optimizer"))
+        assert state["param_groups"] == saved["param_groups"] and state["state"].keys() == saved["state"].keys()
+        for name, st in state["state"].items():
+            assert st.keys() == saved["state"][name].keys()
+            assert all(torch.equal(v, saved["state"][name][k]) for k, v in st.items()), (run_dir, name)
     assert _resume_at_step_3(w2[RESUMED]).endswith("3")
     uninterrupted, resumed = _weights(w2[RESUMED]), _weights(w2["resumed"])
     for name, value in uninterrupted.items():   # same layout: bitwise

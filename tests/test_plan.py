@@ -76,13 +76,15 @@ RUNS = {  # world 2
     "sep2 selective fp32": ["--sep_size", "2", "--activation_checkpointing", "selective", "--precision", "fp32"],
     "sep2 moe": ["--sep_size", "2", *MOE],
     "sep2 moe full": ["--sep_size", "2", *MOE, "--activation_checkpointing", "full"],
+    "dp2 muon": ["--optimizer", "muon"],   # each matrix's momentum on its owner only
+    "sep2 moe muon": ["--sep_size", "2", *MOE, "--optimizer", "muon"],
 }
 
 
 def test_state_exact_and_activations_at_world_2(tmp_path):
-    """Each rank's parameter, gradient and AdamW-state bytes equal the plan's exactly (ZeRO-1
-    shards, padding, experts split over EP); saved activations under Ulysses/EP within 2% (10%
-    with expert parallelism)."""
+    """Each rank's parameter, gradient and optimizer-state bytes (AdamW; Muon + AdamW) equal the
+    plan's exactly (ZeRO-1 shards, whole-matrix owners, padding, experts split over EP); saved
+    activations under Ulysses/EP within 2% (10% with expert parallelism)."""
     results = run_distributed(_state_and_saved_on_rank, 2, str(tmp_path), list(RUNS.values()))
     for i, (name, flags) in enumerate(RUNS.items()):
         cfg = tiny_config(tmp_path, *SHAPE, *flags)

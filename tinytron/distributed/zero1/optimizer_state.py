@@ -60,10 +60,10 @@ class OptimizerStateMixin:
     def _full_local_state(self, buf: FlatBuffer) -> dict[nn.Parameter, dict]:
         """param -> its state with per-element tensors of the param's local shape, for every
         param of buf that has state. Collective over buf.group when buf is sharded."""
-        stepped = {p: q for q, (p, _) in self._owner.items()}
-        state = self.optimizer.state
+        by_param, state = self._stepped_by_param(), self.optimizer.state
+        stepped = {p: qs[0][0] for p, qs in by_param.items()}   # one of p's stepped tensors
         if not buf.sharded:
-            return {p: _whole_state(p, [q for q, (o, _) in self._owner.items() if o is p], state)
+            return {p: _whole_state(p, [q for q, _ in by_param[p]], state)
                     for p in buf.offsets if stepped[p] in state}
 
         # Which keys each param has (per-element: their dtype; else: the value), merged over the
@@ -92,17 +92,16 @@ class OptimizerStateMixin:
 
         # Per-element state: fill this rank's shard of each bucket, all-gather the bucket.
         for key, dtype in per_element:
-            for (start, end), members in zip(buf.buckets, buf.bucket_params):
+            for b, ((start, end), members) in enumerate(zip(buf.buckets, buf.bucket_params)):
                 lo, hi = buf.shard_range((start, end))
                 shard = torch.zeros(hi - lo, dtype=dtype, device=buf.param_data.device)
                 for p in members:
-                    q = stepped.get(p)
-                    if q is not None and key in state.get(q, {}):
-                        p_lo = buf.offsets[p] + self._owner[q][1]
-                        shard[p_lo - lo:p_lo - lo + q.numel()] = state[q][key].reshape(-1)
-                bucket = torch.empty((end - start), dtype=dtype, device=shard.device)
-                all_gather(bucket, shard, buf.group)
-                bucket = bucket.cpu()  # at most one bucket of gathered state on the device at a time
+                    for q, q_start in by_param.get(p, []):
+                        if key in state.get(q, {}):
+                            p_lo = buf.offsets[p] + q_start
+                            shard[p_lo - lo:p_lo - lo + q.numel()] = state[q][key].reshape(-1)
+                # At most one bucket of gathered state on the device at a time.
+                bucket = buf.gather_bucket(b, shard).cpu()
                 for p in members:
                     if _is_dtype(merged.get(self._names[p], {}).get(key), dtype):
                         o = buf.offsets[p] - start

@@ -3,62 +3,91 @@
 An element-wise optimizer (AdamW) can step any flat range of a parameter, so ZeRO-1 cuts buckets
 into equal shards wherever they fall. Muon orthogonalises each weight matrix as a whole, so a
 param group marked `"whole_matrices": True` goes into a flat buffer of its own whose layout
-(`owner_layout`) puts every tensor inside exactly one rank's shard: the "distributed Muon" of
-Moonlight (Liu et al., arXiv 2502.16982), with the same collectives as ZeRO-1:
+(`owner_layout`) puts every tensor inside exactly one rank's segment: the "distributed Muon" of
+Moonlight (Liu et al., arXiv 2502.16982).
 
-    bucket b:        [ segment of rank 0 | segment of rank 1 | ... ]   N equal segments
-    segment r:       [ the tensors rank r owns, whole | zero pad ]
+    bucket b:        [ segment of rank 0 | segment of rank 1 | ... ]   no padding
+    segment r:       the tensors of the bucket that rank r owns, whole (possibly none)
 
-The bucket's reduce-scatter hands rank r the fully reduced gradients of the tensors it owns, rank r
-steps them (each 2-D matrix of them, see `matrices`), and the bucket's all-gather returns the
-updated tensors to every rank. Owners are chosen greedily in packing order, each tensor going to
-the rank that owns the fewest elements so far (ties: the lowest rank), so no rank owns more than
-1/N of the elements plus one tensor (Graham's list-scheduling bound), and consecutive tensors of
-a bucket, mostly of similar sizes, spread over the ranks (little padding).
+Per bucket, one reduce per non-empty segment (SUM, to its owner) hands each owner the fully
+reduced gradients of its tensors, the owner steps them (each 2-D matrix of them, see `matrices`),
+and one broadcast per non-empty segment (from its owner) returns the updated tensors to every
+rank: the bytes of a reduce-scatter and an all-gather, in at most N collectives per bucket
+(segments are uneven, which reduce-scatter and all-gather do not take without padding).
+
+Owners are chosen greedily in packing order: each tensor goes to the rank that owns the fewest
+elements so far (ties: the lowest rank), so no rank owns more than 1/N of the elements plus one
+tensor (Graham's list-scheduling bound), and so holds no more optimizer state than that.
 """
 
 import torch
+import torch.distributed as dist
+
+Segments = list[tuple[int, int]]   # [lo, hi) of each rank's segment of one bucket, flat elements
 
 
 def owner_layout(numels: list[int], bucket_numel: int, size: int
-                 ) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
+                 ) -> tuple[list[int], list[tuple[int, int]], list[list[int]], list[Segments]]:
     """Where a whole-matrix FlatBuffer puts tensors of `numels` elements (in packing order), for a
-    group of `size` ranks: the same triple as grad_buffer.bucket_layout (flat start of each
-    tensor, [start, end) of each bucket, the tensor indices of each bucket in packing order).
-    A bucket closes before the tensor that would take it over `bucket_numel` elements, once it
-    holds at least `size` tensors (so that every rank owns one). Rank r's shard of a bucket is its
-    segment r. A pure function: tinytron.training.memory sizes buffers with it."""
+    group of `size` ranks: grad_buffer.bucket_layout's triple (flat start of each tensor, [start,
+    end) of each bucket, the tensor indices of each bucket in packing order; buckets of at most
+    `bucket_numel` elements, a bigger tensor alone, here unpadded) and the segments of each bucket.
+    A pure function: tinytron.training.memory sizes buffers with it."""
     owned = [0] * size                        # elements each rank owns so far
     offsets = [0] * len(numels)
-    buckets, members = [], []
+    buckets, members, segments = [], [], []
     current: list[int] = []
-    start = 0
+    start = total = 0
 
     def close() -> int:
-        loads = [0] * size
         owner_of = {}
         for i in current:
-            r = min(range(size), key=lambda r: (owned[r], r))
-            owner_of[i] = r
-            owned[r] += numels[i]
-            loads[r] += numels[i]
-        segment = max(loads)
-        fill = [start + r * segment for r in range(size)]
-        for i in current:
-            offsets[i] = fill[owner_of[i]]
-            fill[owner_of[i]] += numels[i]
-        buckets.append((start, start + size * segment))
+            owner_of[i] = min(range(size), key=lambda r: (owned[r], r))
+            owned[owner_of[i]] += numels[i]
+        lo, bounds = start, []
+        for r in range(size):
+            hi = lo
+            for i in current:
+                if owner_of[i] == r:
+                    offsets[i], hi = hi, hi + numels[i]
+            bounds.append((lo, hi))
+            lo = hi
+        buckets.append((start, lo))
         members.append(current)
-        return buckets[-1][1]
+        segments.append(bounds)
+        return lo
 
-    total = 0
     for i, n in enumerate(numels):
-        if current and total + n > bucket_numel and len(current) >= size:
+        if current and total + n > bucket_numel:
             start, current, total = close(), [], 0
         current.append(i)
         total += n
     close()
-    return offsets, buckets, members
+    return offsets, buckets, members, segments
+
+
+class Works:
+    """Several collectives launched with async_op=True, waited for together."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+def reduce_to_owners(data: torch.Tensor, segments: Segments, group) -> Works:
+    """Launch, for each non-empty segment r ([lo, hi) of the flat buffer `data`), its sum over
+    `group` into rank r's copy (the other ranks' copies are left undefined)."""
+    return Works([dist.reduce(data[lo:hi], dst=dist.get_global_rank(group, r), group=group, async_op=True)
+                  for r, (lo, hi) in enumerate(segments) if hi > lo])
+
+
+def broadcast_from_owners(data: torch.Tensor, segments: Segments, group) -> Works:
+    """Launch, for each non-empty segment r of the flat buffer `data`, its broadcast from rank r."""
+    return Works([dist.broadcast(data[lo:hi], src=dist.get_global_rank(group, r), group=group, async_op=True)
+                  for r, (lo, hi) in enumerate(segments) if hi > lo])
 
 
 def matrices(param_data: torch.Tensor, grad_data: torch.Tensor, offset: int, shape: torch.Size
