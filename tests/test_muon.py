@@ -33,6 +33,7 @@ from tinytron.model import GPT
 from tinytron.model.gpt import cross_entropy_sum
 from tinytron.training import Trainer
 from tinytron.training import checkpoint as ckpt
+from tinytron.training.config import ConfigError, validate_config
 from tinytron.training.schedule import lr_at
 from tinytron.training.weights import read_checkpoint
 
@@ -202,3 +203,19 @@ def test_single_process_bitwise_with_torch_bf16_muon(tmp_path):
     got = _weights(_train(str(tmp_path / "run"), flags))
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("flags, flag", [(["--muon_momentum", "1"], "--muon_momentum"),
+                                         (["--muon_lr", "-1"], "--muon_lr"),
+                                         (["--muon_weight_decay", "-0.1"], "--muon_weight_decay"),
+                                         (["--muon_ns_steps", "0"], "--muon_ns_steps"),
+                                         (["--max_lr", "0", "--min_lr", "0"], "--max_lr")])
+def test_muon_flags_are_checked(tmp_path, flags, flag):
+    with pytest.raises(ConfigError, match=f"^{flag} "):
+        validate_config(tiny_config(tmp_path, "--optimizer", "muon", *flags), 1)
+
+
+def test_muon_flags_enter_the_run_hash_only_when_set(tmp_path):
+    base = tiny_config(tmp_path)
+    assert tiny_config(tmp_path, "--optimizer", "adamw", "--muon_lr", "0").short_hash() == base.short_hash()
+    assert tiny_config(tmp_path, "--optimizer", "muon").short_hash() != base.short_hash()

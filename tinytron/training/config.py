@@ -273,8 +273,9 @@ def _validate_muon(o: OptimConfig) -> None:
     if o.max_lr <= 0:
         raise ConfigError(f"--max_lr {o.max_lr} must be positive with --optimizer muon (it scales "
                           "--muon_lr's schedule)")
-    if o.muon_lr < 0 or o.muon_weight_decay < 0:
-        raise ConfigError(f"--muon_lr {o.muon_lr} and --muon_weight_decay {o.muon_weight_decay} must be >= 0")
+    for name in ("muon_lr", "muon_weight_decay"):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"--{name} {getattr(o, name)} must be >= 0")
     if not 0 <= o.muon_momentum < 1:
         raise ConfigError(f"--muon_momentum {o.muon_momentum} must be in [0, 1)")
     if not 1 <= o.muon_ns_steps < 100:
