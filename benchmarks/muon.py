@@ -23,7 +23,7 @@ from tinytron.commands.plot import read_metrics
 from tinytron.training.arguments import build_parser, config_from_args
 
 DATA = "../shared/data/tinyshakespeare"
-MODEL = ["--num_layer", "4", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
+MODEL = ["--num_layer", "2", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--intermediate_size", "384", "--vocab_size", "4096", "--block_size", "128", "--seq_len", "128"]
 
 
@@ -31,7 +31,7 @@ def run(log_dir: str, optimizer: str, lr: float, args) -> dict[int, float]:
     """Train one configuration; -> {step: validation loss}."""
     flags = [*MODEL, "--dataset", f"{args.data}/input.txt", "--tokenizer", f"{args.data}/tokenizer",
              "--val_fraction", "0.1", "--data_cache_dir", args.cache, "--tokenize_num_proc", "1",
-             "--device", "cpu", "--precision", "fp32", "--batch_size", "32", "--total_batch_size", "4096",
+             "--device", "cpu", "--precision", "fp32", "--batch_size", "16", "--total_batch_size", "2048",
              "--max_steps", str(args.steps), "--warmup_steps", str(args.steps // 10), "--max_lr", str(lr),
              "--min_lr", str(lr / 10), "--weight_decay", "0.1", "--val_every_steps", str(args.steps // 3),
              "--val_max_tokens", str(args.val_tokens),
@@ -44,8 +44,8 @@ def run(log_dir: str, optimizer: str, lr: float, args) -> dict[int, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--val_tokens", type=int, default=32768, help="validation tokens scored (a fixed subset)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--val_tokens", type=int, default=16384, help="validation tokens scored (a fixed subset)")
     p.add_argument("--adamw_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--muon_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--data", default=DATA)
@@ -60,7 +60,7 @@ def main() -> None:
                 curves[optimizer, lr] = run(log_dir, optimizer, lr, args)
                 minutes[optimizer, lr] = (time.perf_counter() - t0) / 60
     steps = sorted(next(iter(curves.values())))
-    tokens = [f"step {s} ({s * 4096 / 1e3:.0f}k tok)" for s in steps]
+    tokens = [f"step {s} ({s * 2048 / 1e3:.0f}k tok)" for s in steps]
     sweep = [[opt, f"{lr:g}", *(f"{curve[s]:.4f}" for s in steps), f"{minutes[opt, lr]:.1f}"]
              for (opt, lr), curve in curves.items()]
     best = {opt: min((lr for o, lr in curves if o == opt), key=lambda lr: curves[opt, lr][steps[-1]])
@@ -68,8 +68,8 @@ def main() -> None:
     rows = [[opt, f"{best[opt]:g}", *(f"{curves[opt, best[opt]][s]:.4f}" for s in steps)] for opt in best]
     gain = curves["adamw", best["adamw"]][steps[-1]] - curves["muon", best["muon"]][steps[-1]]
     body = "\n\n".join([
-        f"Model: 4 layers, hidden 128, 4 / 2 heads, SwiGLU 384, vocab 4096 (the Tiny Shakespeare BPE), "
-        f"seq 128, 4096 tokens per step, {args.steps} steps, warmup "
+        f"Model: 2 layers, hidden 128, 4 / 2 heads, SwiGLU 384, vocab 4096 (the Tiny Shakespeare BPE), "
+        f"seq 128, 2048 tokens per step, {args.steps} steps, warmup "
         f"{args.steps // 10}, cosine to lr/10, weight decay 0.1, fp32, one process.",
         f"Validation loss ({args.val_tokens} held-out tokens, the same fixed windows for every run) during the "
         "sweep; minutes per run (wall, on a shared machine):",
