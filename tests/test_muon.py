@@ -205,14 +205,9 @@ def test_single_process_bitwise_with_torch_bf16_muon(tmp_path):
         assert torch.equal(got[name], value), name
 
 
-@pytest.mark.parametrize("flags, flag", [(["--muon_momentum", "1"], "--muon_momentum"),
-                                         (["--muon_lr", "-1"], "--muon_lr"),
-                                         (["--muon_weight_decay", "-0.1"], "--muon_weight_decay"),
-                                         (["--muon_ns_steps", "0"], "--muon_ns_steps"),
-                                         (["--max_lr", "0", "--min_lr", "0"], "--max_lr")])
-def test_muon_flags_are_checked(tmp_path, flags, flag):
-    with pytest.raises(ConfigError, match=f"^{flag} "):
-        validate_config(tiny_config(tmp_path, "--optimizer", "muon", *flags), 1)
+def test_muon_ns_steps_below_torchs_limit(tmp_path):   # the other ranges: tests/test_flags.py
+    with pytest.raises(ConfigError, match="^--muon_ns_steps 100 must be below 100"):
+        validate_config(tiny_config(tmp_path, "--optimizer", "muon", "--muon_ns_steps", "100"), 1)
 
 
 def test_muon_flags_enter_the_run_hash_only_when_set(tmp_path):

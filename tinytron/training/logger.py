@@ -90,7 +90,8 @@ class RunLogger:
         self.bar.write(f"step {step:6d} | loss {stats['loss']:.6f}{aux} | lr {stats['lr']:.3e} | grad norm "
                        f"{stats['grad_norm']:.4f} | {1000 * stats['step_time']:.0f} ms | {tok_s:,.0f} tok/s | "
                        f"MFU {mfu_s}")
-        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_s)
+        # No redraw of its own: update() redraws the bar at most every `mininterval` (0.1 s).
+        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_s, refresh=False)
         self.bar.update(1)
 
     def val(self, step: int, loss: float) -> None:
