@@ -60,7 +60,8 @@ class DistributedOptimizer(OptimizerStateMixin):
     Args:
         optimizer: its param groups (and their hyper-parameters) are kept; each group's params are
             replaced by this rank's shard pieces (1-D nn.Parameter views into the flat param
-            buffer, `.grad` a view into the flat grad buffer), and its state is cleared.
+            buffer, `.grad` a view into the flat grad buffer; in a group with "whole_matrices":
+            2-D views of the matrices this rank owns), and its state is cleared.
         model: the module whose forward uses the params. Its params are REBOUND: `p.data` becomes
             a view into the flat param buffer and `p.grad` one into the flat grad buffer (see
             grad_buffer.py), and `model.zero_grad()` (of it and of every submodule) zeroes grads
