@@ -2,7 +2,7 @@
 optimizer, then validation loss at equal steps (and so equal tokens: both runs see the same global
 batches) for each at its best learning rate.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.muon [--append docs/benchmarks.md]
+    OMP_NUM_THREADS=1 python -m benchmarks.muon [--append docs/benchmarks.md]   (about 6 minutes)
 
 Each run is one process of pretrain_example.py's Trainer, one after the other in this process, with
 the same model, data order, schedule (warmup + cosine to lr/10) and weight decay 0.1. --optimizer
@@ -11,7 +11,6 @@ adjustment, so one --max_lr sweeps both its Muon and its AdamW parts.
 """
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -47,7 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--val_tokens", type=int, default=16384, help="validation tokens scored (a fixed subset)")
     p.add_argument("--adamw_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--muon_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--muon_lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     p.add_argument("--data", default=DATA)
     p.add_argument("--cache", default="data_cache")
     p.add_argument("--append", default=None)
@@ -81,6 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if not os.path.isdir(DATA):
-        print(f"note: {DATA} not found; pass --data")
     main()
