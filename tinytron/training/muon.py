@@ -2,7 +2,8 @@
 the Muon post (Jordan et al., 2024) and Moonlight (Liu et al., arXiv 2502.16982).
 
 Muon steps every matrix of the transformer blocks: the attention projections (the fused qkv_proj
-is one matrix, as in the Muon post's reference code), the MLP projections and each MoE expert's
+is orthogonalised as one matrix, as the parameter it is; q, k, v apart would be a refinement),
+the MLP projections (gate_up_proj likewise one matrix) and each MoE expert's
 two matrices (an expert's [C, 2I] / [I, C] slice of the stacked weights, orthogonalised on its
 own). AdamW steps the embedding, the output head, the RMSNorm weights and the MoE routers, with the
 default recipe's hyper-parameters (--max_lr, --weight_decay on the head and routers, betas, eps).
