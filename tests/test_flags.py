@@ -28,7 +28,8 @@ OUT_OF_RANGE = {
     # optim
     "--max_lr": ("0", "1e-2"), "--min_lr": ("-0.00001", "0"), "--warmup_steps": ("-1", "0"),
     "--weight_decay": ("-0.1", "0"), "--beta1": ("1.0", "0"), "--beta2": ("-0.5", "0.999"),
-    "--adam_eps": ("0", "1e-12"),
+    "--adam_eps": ("0", "1e-12"), "--muon_lr": ("-0.001", "0"), "--muon_momentum": ("1.0", "0"),
+    "--muon_weight_decay": ("-0.1", "0"), "--muon_ns_steps": ("0", "1"),
     # data
     "--mock_data_num_samples": ("0", "128"), "--num_workers": ("-1", "0"), "--val_fraction": ("1.0", "0"),
     "--tokenize_num_proc": ("0", "1"), "--eos_token_id": ("-2", "-1"),

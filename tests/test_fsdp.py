@@ -153,8 +153,8 @@ def test_same_layout_resume_is_bitwise(runs):
         assert_close_tensors(adam_state(got)["state"][param], state, 0.0, param)
 
 
-def test_unsupported_combination_is_a_one_line_error(tmp_path):
-    flags = ["--no-use_distributed_optimizer"]
+@pytest.mark.parametrize("flags", [["--no-use_distributed_optimizer"], ["--optimizer", "muon"]])
+def test_unsupported_combinations_are_one_line_errors(tmp_path, flags):
     config = tiny_config(tmp_path, "--fsdp", *flags)
     with pytest.raises(ConfigError, match=f"--fsdp .*{flags[0]}") as error:
         validate_config(config, 2)

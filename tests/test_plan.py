@@ -85,15 +85,17 @@ RUNS = {  # world 2
     # vocab 97: the embedding and head rows do not split evenly (FSDP2 pads the last rank's shard)
     "dp2 fsdp moe": ["--fsdp", *MOE, "--vocab_size", "97"],
     "sep2 fsdp moe": ["--fsdp", "--sep_size", "2", *MOE],
+    "dp2 muon": ["--optimizer", "muon"],   # each matrix's momentum on its owner only
+    "sep2 moe muon": ["--sep_size", "2", *MOE, "--optimizer", "muon"],
 }
 
 
 def test_state_exact_and_activations_at_world_2(tmp_path):
-    """Each rank's parameter, gradient and AdamW-state bytes equal the plan's exactly (ZeRO-1
-    shards, padding, experts split over EP; --fsdp: FSDP2's padded dim-0 shards of params and
-    grads, the AdamW state of the real rows); saved activations under Ulysses/EP within 2% (10%
-    with expert parallelism; not measured under FSDP, whose gathered weights share no storage
-    with the parameters)."""
+    """Each rank's parameter, gradient and optimizer-state bytes (AdamW; Muon + AdamW) equal the
+    plan's exactly (ZeRO-1 shards, whole-matrix owners, padding, experts split over EP; --fsdp:
+    FSDP2's padded dim-0 shards of params and grads, the AdamW state of the real rows); saved
+    activations under Ulysses/EP within 2% (10% with expert parallelism; not measured under FSDP,
+    whose gathered weights share no storage with the parameters)."""
     results = run_distributed(_state_and_saved_on_rank, 2, str(tmp_path), list(RUNS.values()))
     for i, (name, flags) in enumerate(RUNS.items()):
         cfg = tiny_config(tmp_path, *SHAPE, *flags)

@@ -89,6 +89,19 @@ class OptimConfig:
     adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon", bound="> 0"))
     use_distributed_optimizer: bool = field(default=True, metadata=_help(
         "ZeRO-1: shard optimizer state over data-parallel ranks"))
+    optimizer: str = field(default="adamw", metadata=_help(
+        "adamw, or muon: Muon on the blocks' weight matrices, AdamW on the rest (training/muon.py)",
+        choices=("adamw", "muon")))
+    muon_lr: float = field(default=0.0, metadata=_help(
+        "Muon's peak learning rate (0: --max_lr, Moonlight's recipe with --muon_adjust_lr match_rms_adamw)",
+        bound=">= 0"))
+    muon_momentum: float = field(default=0.95, metadata=_help("Muon momentum", bound="[0, 1)"))
+    muon_weight_decay: float = field(default=0.1, metadata=_help("Muon decoupled weight decay", bound=">= 0"))
+    muon_nesterov: bool = field(default=True, metadata=_help("Muon Nesterov momentum"))
+    muon_ns_steps: int = field(default=5, metadata=_help("Muon Newton-Schulz iterations (below 100)", bound=">= 1"))
+    muon_adjust_lr: str = field(default="match_rms_adamw", metadata=_help(
+        "Muon's per-matrix lr scale: match_rms_adamw (Moonlight: 0.2 sqrt(max(rows, cols))) or original "
+        "(sqrt(max(1, rows / cols)))", choices=("match_rms_adamw", "original")))
 
 
 @dataclass(frozen=True)
@@ -169,7 +182,9 @@ _NOT_HASHED_FIELDS = {"batch_size", "device", "backend", "use_compile", "activat
                       "eval_every_steps"}
 # Fields added after the first release enter the hash only when set to a non-default value, so
 # a run started with an older Tinytron keeps its folder (and auto-resumes) after an upgrade.
-_HASHED_IF_SET = {"val_max_tokens", "dataset_weights", "document_mask", "reset_position_ids", "eos_token_id"}
+_HASHED_IF_SET = {"val_max_tokens", "dataset_weights", "document_mask", "reset_position_ids", "eos_token_id",
+                  "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_nesterov", "muon_ns_steps",
+                  "muon_adjust_lr"}
 
 
 @dataclass(frozen=True)
@@ -261,6 +276,9 @@ def validate_config(cfg: Config, world_size: int) -> int:
         kv_heads_to_send(m.num_key_value_heads, sep)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if p.fsdp and o.optimizer == "muon":
+        raise ConfigError("--fsdp does not support --optimizer muon (Muon updates whole matrices, FSDP2 shards "
+                          "them by rows): drop one of them")
     if p.fsdp and not o.use_distributed_optimizer:
         raise ConfigError("--fsdp shards the optimizer state itself: drop --no-use_distributed_optimizer")
     if cfg.logging.log_expert_load and not m.use_moe:
@@ -276,6 +294,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--warmup_steps {o.warmup_steps} must be smaller than --max_steps {t.max_steps}")
     if o.min_lr > o.max_lr:
         raise ConfigError(f"--min_lr {o.min_lr} is larger than --max_lr {o.max_lr}")
+    if o.optimizer == "muon" and o.muon_ns_steps >= 100:
+        raise ConfigError(f"--muon_ns_steps {o.muon_ns_steps} must be below 100 (torch.optim.Muon's limit)")
     if 0 < t.val_max_tokens < t.seq_len:
         raise ConfigError(f"--val_max_tokens {t.val_max_tokens} must be 0 (no cap) or at least --seq_len {t.seq_len}")
     if t.eval_tasks and not cfg.data.tokenizer:

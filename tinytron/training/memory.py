@@ -1,7 +1,8 @@
 """Will it fit? Per-rank GPU memory of a run, from its config, without allocating the model:
 the library of `tinytron-plan` (tinytron/commands/plan.py).
 
-`plan` reports, for one rank: parameters, gradients and AdamW state (ZeRO-1 on and off, and with
+`plan` reports, for one rank: parameters, gradients and optimizer state (AdamW; with --optimizer
+muon, AdamW + Muon, each Muon matrix owned by one rank under ZeRO-1) (ZeRO-1 on and off, and with
 --fsdp FSDP2's shards and its buffers in flight: `fsdp_state_bytes`; MoE experts split over the
 expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and
 the activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
@@ -28,6 +29,7 @@ import torch
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
+from tinytron.distributed.zero1.whole_matrices import owner_layout
 from tinytron.model import GPT
 from tinytron.training.config import Config, validate_config
 from tinytron.training.trainer import Trainer
@@ -36,51 +38,57 @@ GiB = 2**30
 MODES = ("none", "selective", "full")
 
 
-def _buffer_order(cfg: Config, trainer_cls=Trainer) -> list[torch.nn.Parameter]:
+def _buffer_order(cfg: Config, trainer_cls=Trainer) -> tuple[list[torch.nn.Parameter], set]:
     """The parameters of GPT(cfg.model), built on the meta device (no memory), that the
-    trainer's `_init_optimizer` lists, in flat-buffer order: DistributedOptimizer packs them in
-    reverse model order."""
+    trainer's `_init_optimizer` lists, in flat-buffer order (DistributedOptimizer packs them in
+    reverse model order), and the set of those in "whole_matrices" groups (Muon's)."""
     with torch.device("meta"):
         model = GPT(cfg.model)
     fake = types.SimpleNamespace(model=model, config=cfg, device=torch.device("meta"))
     optimizer = trainer_cls._init_optimizer(fake)
     listed = {p for g in optimizer.param_groups for p in g["params"]}
-    return [p for p in reversed(list(model.parameters())) if p in listed]
+    whole = {p for g in optimizer.param_groups if g.get("whole_matrices") for p in g["params"]}
+    return [p for p in reversed(list(model.parameters())) if p in listed], whole
 
 
 def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) -> list[dict]:
-    """Exact bytes of parameters, gradients and AdamW state on each global rank (a list).
+    """Exact bytes of parameters, gradients and optimizer state on each global rank (a list).
 
-    Dense params live in one flat buffer over the world, expert params (each rank's 1/ep of the
-    experts) in one over its DP group (dp rank = rank // sep); each buffer is cut into buckets
+    Dense params live in flat buffers over the world, expert params (each rank's 1/ep of the
+    experts) in buffers over its DP group (dp rank = rank // sep); each buffer is cut into buckets
     padded to a multiple of its group size. AdamW keeps exp_avg and exp_avg_sq (param dtype) per
     element a rank steps, plus one 4-byte `step` per stepped tensor (a shard piece under ZeRO-1,
-    a whole param without)."""
+    a whole param without). Muon's matrices (--optimizer muon) have buffers of their own, laid out
+    by whole_matrices.owner_layout under ZeRO-1 (unpadded, uneven shards of whole matrices): one
+    momentum buffer (param dtype) per element of the matrices a rank owns (all without ZeRO-1)."""
     sep = cfg.parallel.sep_size
     ep = sep if cfg.model.use_moe else 1
-    order = _buffer_order(cfg, trainer_cls)
+    order, whole = _buffer_order(cfg, trainer_cls)
     bucket_bytes = inspect.signature(DistributedOptimizer).parameters["bucket_size_mb"].default * 2**20
     out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
     for is_expert, size in ((False, world_size), (True, world_size // sep)):
-        members = [p for p in order if getattr(p, "is_expert", False) == is_expert]
-        if not members:
-            continue
-        numels = [p.numel() // (ep if is_expert else 1) for p in members]
-        item = members[0].element_size()
-        offsets, buckets, bucket_members = bucket_layout(numels, max(1, int(bucket_bytes) // item), size)
-        for rank, rank_bytes in enumerate(out):
-            rank_bytes["params"] += buckets[-1][1] * item
-            rank_bytes["grads"] += buckets[-1][1] * item
-            stepped, pieces = sum(numels), len(numels)
-            if zero1 and size > 1:
-                stepped = pieces = 0
-                for bucket, idx in zip(buckets, bucket_members):
-                    lo, hi = shard_of(bucket, size, rank // sep if is_expert else rank)
-                    for i in idx:
-                        overlap = min(offsets[i] + numels[i], hi) - max(offsets[i], lo)
-                        if overlap > 0:
-                            stepped, pieces = stepped + overlap, pieces + 1
-            rank_bytes["optimizer"] += 2 * stepped * item + 4 * pieces
+        for is_whole in (False, True):
+            members = [p for p in order if getattr(p, "is_expert", False) == is_expert and (p in whole) == is_whole]
+            if not members:
+                continue
+            numels = [p.numel() // (ep if is_expert else 1) for p in members]
+            item = members[0].element_size()
+            layout = owner_layout if is_whole and zero1 else bucket_layout
+            offsets, buckets, bucket_members, *segments = layout(numels, max(1, int(bucket_bytes) // item), size)
+            for rank, rank_bytes in enumerate(out):
+                rank_bytes["params"] += buckets[-1][1] * item
+                rank_bytes["grads"] += buckets[-1][1] * item
+                stepped, pieces = sum(numels), len(numels)
+                if zero1 and size > 1:
+                    stepped = pieces = 0
+                    group_rank = rank // sep if is_expert else rank
+                    for b, (bucket, idx) in enumerate(zip(buckets, bucket_members)):
+                        lo, hi = segments[0][b][group_rank] if segments else shard_of(bucket, size, group_rank)
+                        for i in idx:
+                            overlap = min(offsets[i] + numels[i], hi) - max(offsets[i], lo)
+                            if overlap > 0:
+                                stepped, pieces = stepped + overlap, pieces + 1
+                rank_bytes["optimizer"] += stepped * item if is_whole else 2 * stepped * item + 4 * pieces
     return out
 
 
@@ -101,7 +109,7 @@ def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[
     sep = cfg.parallel.sep_size
     ep = sep if cfg.model.use_moe else 1
     out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
-    for p in _buffer_order(cfg, trainer_cls):
+    for p in _buffer_order(cfg, trainer_cls)[0]:
         is_expert = getattr(p, "is_expert", False)
         size = world_size // sep if is_expert else world_size
         rows = p.shape[0] // (ep if is_expert else 1)
@@ -124,6 +132,15 @@ def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[
     for rank_bytes in out:
         rank_bytes["in_flight"] = in_flight
     return out
+
+
+def muon_step_bytes(cfg: Config, trainer_cls=Trainer) -> int:
+    """The transient of one Muon matrix update (torch.optim.Muon, the largest matrix [m, n],
+    m <= n): the fp32 Nesterov update (4mn), the bf16 iterate and the next one (2 x 2mn) and two
+    bf16 [m, m] Gram products (2 x 2m^2). 0 without --optimizer muon."""
+    _, whole = _buffer_order(cfg, trainer_cls)
+    shapes = [p.shape[-2:] for p in whole]
+    return max((8 * a * b + 4 * min(a, b) ** 2 for a, b in shapes), default=0)
 
 
 def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
@@ -208,16 +225,21 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
             states[s, "fsdp"] = max(fsdp_state_bytes(_with_sep(cfg, s), world_size, trainer_cls),
                                     key=lambda b: b["optimizer"] + b["params"])
     engines = (True, False, "fsdp") if fsdp else (True, False)
+    muon = cfg.optim.optimizer == "muon"
+    step_transient = muon_step_bytes(cfg, trainer_cls)   # Muon: one matrix's update at a time
     engine = "fsdp" if fsdp else zero1
     lines = [f"world {world_size} = dp {dp} x sep {sep}; micro-batch {t.batch_size} x {t.seq_len} tokens, "
              f"grad accumulation {grad_accum}; {t.precision}; GPU {gpu_memory_gib:g} GiB, "
              f"{usable_fraction:.0%} usable = {usable / GiB:.1f} GiB", "",
              f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}"
                                                       + (f"{'FSDP':>8}" if fsdp else "") for s in seps)]
-    rows = (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"), ("optimizer", "AdamW state (fp32 m, v)"))
+    rows = (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
+            ("optimizer", "AdamW m, v + Muon momentum" if muon else "AdamW state (fp32 m, v)"))
     for key, label in rows + ((("in_flight", "FSDP2 buffers in flight"),) if fsdp else ()):
         lines.append(f"  {label:<25}" + "".join(
             "".join(f"{states[s, z].get(key, 0) / GiB:>{w}.3f}" for z, w in zip(engines, (18, 7, 8))) for s in seps))
+    if muon:
+        lines.append(f"  {'Muon step transient':<25}{step_transient / GiB:>18.3f}  (the largest matrix's update)")
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
               "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
@@ -227,7 +249,7 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
             act, one = activation_bytes(cfg, t.batch_size, s, mode), activation_bytes(cfg, 1, s, mode)
             copies = weight_copy_bytes(cfg, s, "full" if fsdp else mode)   # FSDP: blocks gathered in bf16
             rope = 8 * (t.seq_len // s) * cfg.model.head_dim  # per micro-batch, not per sequence
-            fixed = sum(states[s, engine].values()) + copies + rope
+            fixed = sum(states[s, engine].values()) + copies + rope + step_transient
             totals[s, mode] = (fixed + sum(act.values()) - rope, fixed, sum(one.values()) - rope)
             lines.append(f"  {s:<4} {mode:<15} {act['saved'] / GiB:>7.3f} {act['transient'] / GiB:>19.3f} "
                          f"{copies / GiB:>19.3f} {_largest_batch(usable, *totals[s, mode][1:]):>21}")

@@ -47,6 +47,7 @@ from tinytron.training.documents import document_layout_fn
 from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
+from tinytron.training.muon import muon_optimizer
 from tinytron.training.resume import resume
 from tinytron.training.schedule import lr_at
 from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
@@ -159,9 +160,12 @@ class Trainer:
 
     def _init_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on weight matrices (and stacked expert weights) only: not on norms,
-        biases or the embedding table (tied to the head when --tied_lm_head). Override to use
+        biases or the embedding table (tied to the head when --tied_lm_head); --optimizer muon:
+        Muon on the blocks' matrices, this AdamW on the rest (training/muon.py). Override to use
         another optimizer: the Trainer wraps whatever this returns in DistributedOptimizer."""
         o = self.config.optim
+        if o.optimizer == "muon":
+            return muon_optimizer(self.model, o, fused=self.device.type == "cuda")
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
@@ -239,8 +243,8 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's statistics
         reduced over all ranks (the step's one host sync)."""
         lr = self._lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:   # Muon's group: times --muon_lr / --max_lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad()
         acc = torch.zeros(2, device=self.device)
         load = None  # tokens per expert per MoE layer, summed over micro-steps: [layers, experts]

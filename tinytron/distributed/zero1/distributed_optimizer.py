@@ -33,8 +33,9 @@ Two kinds of parameters (the `is_expert` attribute tells them apart):
            sharded over `expert_process_group` (the DP group), whose replicas hold the same experts.
 
 The wrapped optimizer is any torch optimizer that updates each element from that element's
-gradient and state alone (AdamW, SGD, Adam, Lion...): it is handed 1-D shard pieces. Optimizers
-that need a parameter's shape (Muon, Shampoo, Adafactor) must use shard=False.
+gradient and state alone (AdamW, SGD, Adam, Lion...): it is handed 1-D shard pieces. A param group
+marked "whole_matrices" (Muon's) is handed whole 2-D matrices instead: each of its params is owned
+by one rank, which steps it from its full reduced gradient (whole_matrices.py).
 """
 
 import contextlib
@@ -47,6 +48,7 @@ from torch import nn
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.zero1.grad_buffer import FlatBuffer, Pending, group_rank, group_size
 from tinytron.distributed.zero1.optimizer_state import OptimizerStateMixin
+from tinytron.distributed.zero1.whole_matrices import matrices, owner_layout
 
 # process_group's default: the topology of parallel_state (see DistributedOptimizer).
 FROM_PARALLEL_STATE = "parallel_state"
@@ -58,7 +60,8 @@ class DistributedOptimizer(OptimizerStateMixin):
     Args:
         optimizer: its param groups (and their hyper-parameters) are kept; each group's params are
             replaced by this rank's shard pieces (1-D nn.Parameter views into the flat param
-            buffer, `.grad` a view into the flat grad buffer), and its state is cleared.
+            buffer, `.grad` a view into the flat grad buffer; in a group with "whole_matrices":
+            2-D views of the matrices this rank owns), and its state is cleared.
         model: the module whose forward uses the params. Its params are REBOUND: `p.data` becomes
             a view into the flat param buffer and `p.grad` one into the flat grad buffer (see
             grad_buffer.py), and `model.zero_grad()` (of it and of every submodule) zeroes grads
@@ -123,23 +126,27 @@ class DistributedOptimizer(OptimizerStateMixin):
         self._check_same_layout(params, shard, bucket_size_mb)
 
         self._buffers: list[FlatBuffer] = []
-        self._expert_buffer: FlatBuffer | None = None
+        self._expert_buffers: list[FlatBuffer] = []
         buffer_of: dict[nn.Parameter, FlatBuffer] = {}
+        whole = {p for g in optimizer.param_groups if g.get("whole_matrices") for p in g["params"]}
         for is_expert, group in ((False, process_group), (True, expert_process_group)):
-            members = [p for p in params if getattr(p, "is_expert", False) == is_expert]
-            if not members:
-                continue
-            bucket_numel = max(1, int(bucket_size_mb * 2**20) // members[0].element_size())
-            buf = FlatBuffer(members, group, bucket_numel, shard)
-            if buf.size > 1:   # replicas start identical, as with torch DDP
-                dist.broadcast(buf.param_data, src=dist.get_global_rank(group, 0), group=group)
-            self._buffers.append(buf)
-            buffer_of.update(dict.fromkeys(members, buf))
-            if is_expert:
-                self._expert_buffer = buf
+            for is_whole in (False, True):   # element-wise shards; whole matrices (whole_matrices.py)
+                members = [p for p in params if getattr(p, "is_expert", False) == is_expert
+                           and (p in whole) == is_whole]
+                if not members:
+                    continue
+                bucket_numel = max(1, int(bucket_size_mb * 2**20) // members[0].element_size())
+                buf = FlatBuffer(members, group, bucket_numel, shard, owner_layout if is_whole and shard else None)
+                if buf.size > 1:   # replicas start identical, as with torch DDP
+                    dist.broadcast(buf.param_data, src=dist.get_global_rank(group, 0), group=group)
+                self._buffers.append(buf)
+                buffer_of.update(dict.fromkeys(members, buf))
+                if is_expert:
+                    self._expert_buffers.append(buf)
 
         # Hand the optimizer, group by group, what this rank updates: the shard piece of each
-        # param of a sharded buffer (if it has one), else the param itself.
+        # param of a sharded buffer (if it has one), else the param itself; in a whole_matrices
+        # group, the 2-D matrices of each param this rank owns (or of every param, unsharded).
         self._group_names = [[self._names[p] for p in g["params"]] for g in optimizer.param_groups]
         self._owner: dict[nn.Parameter, tuple[nn.Parameter, int]] = {}  # stepped -> (param, start)
         pieces = {p: rng for buf in self._buffers if buf.sharded
@@ -148,7 +155,12 @@ class DistributedOptimizer(OptimizerStateMixin):
             stepped = []
             for p in group["params"]:
                 buf = buffer_of[p]
-                if not buf.sharded:
+                if p in whole and (p in pieces or not buf.sharded):
+                    for view, grad, start in matrices(buf.param_data, buf.grad_data, buf.offsets[p], p.shape):
+                        stepped.append(nn.Parameter(view))
+                        stepped[-1].grad = grad
+                        self._owner[stepped[-1]] = (p, start)
+                elif not buf.sharded:
                     self._owner[p] = (p, 0)
                     stepped.append(p)
                 elif p in pieces:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tinytron.distributed.zero1.whole_matrices import broadcast_from_owners, reduce_to_owners
+
 
 def group_size(group) -> int:
     """Size of `group`; a None group means "no communication" and has size 1."""
@@ -107,9 +109,11 @@ class FlatBuffer:
     sharded=True: gradients are reduce-scattered (each rank keeps its shard of each bucket) and
     params all-gathered after the optimizer updated the shards. sharded=False: gradients are
     all-reduced and every rank updates every param. A group of size 1 (or None) never communicates.
+    layout: bucket_layout (equal shards), or whole_matrices.owner_layout (uneven shards, each param
+    inside one rank's: reduced to and broadcast from its owner, see whole_matrices.py).
     """
 
-    def __init__(self, params: list[nn.Parameter], group, bucket_numel: int, sharded: bool):
+    def __init__(self, params: list[nn.Parameter], group, bucket_numel: int, sharded: bool, layout=None):
         self.group = group
         self.size, self.rank = group_size(group), group_rank(group)
         self.sharded = sharded and self.size > 1
@@ -119,7 +123,11 @@ class FlatBuffer:
                 raise ValueError(f"parameters reduced over one group must share dtype and device; "
                                  f"got {dtype}/{device} and {p.dtype}/{p.device}")
 
-        offsets, self.buckets, members = bucket_layout([p.numel() for p in params], bucket_numel, self.size)
+        offsets, self.buckets, members, *segments = (layout or bucket_layout)(
+            [p.numel() for p in params], bucket_numel, self.size)
+        self.segments = segments[0] if segments else None   # per bucket: [lo, hi) of each rank's shard
+        if self.segments:
+            self._segment_of = {bucket: seg[self.rank] for bucket, seg in zip(self.buckets, self.segments)}
         self.offsets: dict[nn.Parameter, int] = dict(zip(params, offsets))  # param -> flat start
         self.bucket_params = [[params[i] for i in m] for m in members]      # the params of each bucket
         numel = self.buckets[-1][1]
@@ -135,6 +143,8 @@ class FlatBuffer:
 
     def shard_range(self, bucket: tuple[int, int]) -> tuple[int, int]:
         """[lo, hi) of this rank's shard of `bucket`, in flat-buffer elements."""
+        if self.segments:
+            return self._segment_of[bucket]
         return shard_of(bucket, self.size, self.rank)
 
     def local_pieces(self) -> dict[nn.Parameter, tuple[int, int]]:
@@ -174,6 +184,8 @@ class FlatBuffer:
         reduced = self.grad_data[slice(*self.shard_range(self.buckets[b]))] if self.sharded else full
         if self.size == 1:
             pending = Pending()
+        elif self.segments:
+            pending = Pending(reduce_to_owners(self.grad_data, self.segments[b], self.group))
         elif self.sharded:
             pending = reduce_scatter(reduced, full, self.group)
         else:
@@ -187,6 +199,21 @@ class FlatBuffer:
         all-gather that gives every rank the whole bucket. Returns its Work (None if unsharded)."""
         if not self.sharded:
             return None
+        if self.segments:
+            return broadcast_from_owners(self.param_data, self.segments[b], self.group)
         return all_gather(self.param_data[slice(*self.buckets[b])],
                           self.param_data[slice(*self.shard_range(self.buckets[b]))], self.group,
                           async_op=True)
+
+    def gather_bucket(self, b: int, shard: torch.Tensor) -> torch.Tensor:
+        """Bucket b of a tensor laid out like this (sharded) buffer, whole on every rank, from
+        each rank's `shard` of it (collective over the group)."""
+        start, end = self.buckets[b]
+        out = torch.empty(end - start, dtype=shard.dtype, device=shard.device)
+        if not self.segments:
+            all_gather(out, shard, self.group)
+            return out
+        lo, hi = self.shard_range(self.buckets[b])
+        out[lo - start:hi - start] = shard
+        broadcast_from_owners(out, [(lo - start, hi - start) for lo, hi in self.segments[b]], self.group).wait()
+        return out

@@ -35,8 +35,8 @@ class OptimizerStateMixin:
         state = {}
         for buf in self._buffers:
             full = self._full_local_state(buf)
-            if buf is self._expert_buffer and ep > 1:
-                self._concat_experts(full)
+            if buf in self._expert_buffers and ep > 1:
+                self._concat_experts(buf, full)
             for p, st in full.items():
                 state[self._names[p]] = {k: v.detach().to("cpu", copy=True)
                                          if torch.is_tensor(v) else v for k, v in st.items()}
@@ -48,8 +48,7 @@ class OptimizerStateMixin:
     def _expert_parallel_size(self) -> int:
         """How many ranks hold different experts: process_group = expert group x this."""
         ep = group_size(self.expert_parallel_group)
-        if (self._expert_buffer is not None
-                and self._expert_buffer.size * ep != group_size(self.process_group)):
+        if any(buf.size * ep != group_size(self.process_group) for buf in self._expert_buffers):
             raise ValueError("expert params differ across process_group ranks outside the "
                              "expert_process_group: saving or loading their optimizer state needs "
                              "the expert_parallel_group")
@@ -58,10 +57,11 @@ class OptimizerStateMixin:
     def _full_local_state(self, buf: FlatBuffer) -> dict[nn.Parameter, dict]:
         """param -> its state with per-element tensors of the param's local shape, for every
         param of buf that has state. Collective over buf.group when buf is sharded."""
-        stepped = {p: q for q, (p, _) in self._owner.items()}
-        state = self.optimizer.state
+        by_param, state = self._stepped_by_param(), self.optimizer.state
+        stepped = {p: qs[0][0] for p, qs in by_param.items()}   # one of p's stepped tensors
         if not buf.sharded:
-            return {p: dict(state[stepped[p]]) for p in buf.offsets if stepped[p] in state}
+            return {p: _whole_state(p, [q for q, _ in by_param[p]], state)
+                    for p in buf.offsets if stepped[p] in state}
 
         # Which keys each param has (per-element: their dtype; else: the value), merged over the
         # group: a param's pieces, and so its state, may live on several ranks.
@@ -89,28 +89,27 @@ class OptimizerStateMixin:
 
         # Per-element state: fill this rank's shard of each bucket, all-gather the bucket.
         for key, dtype in per_element:
-            for (start, end), members in zip(buf.buckets, buf.bucket_params):
+            for b, ((start, end), members) in enumerate(zip(buf.buckets, buf.bucket_params)):
                 lo, hi = buf.shard_range((start, end))
                 shard = torch.zeros(hi - lo, dtype=dtype, device=buf.param_data.device)
                 for p in members:
-                    q = stepped.get(p)
-                    if q is not None and key in state.get(q, {}):
-                        p_lo = buf.offsets[p] + self._owner[q][1]
-                        shard[p_lo - lo:p_lo - lo + q.numel()] = state[q][key]
-                bucket = torch.empty((end - start), dtype=dtype, device=shard.device)
-                all_gather(bucket, shard, buf.group)
-                bucket = bucket.cpu()  # at most one bucket of gathered state on the device at a time
+                    for q, q_start in by_param.get(p, []):
+                        if key in state.get(q, {}):
+                            p_lo = buf.offsets[p] + q_start
+                            shard[p_lo - lo:p_lo - lo + q.numel()] = state[q][key].reshape(-1)
+                # At most one bucket of gathered state on the device at a time.
+                bucket = buf.gather_bucket(b, shard).cpu()
                 for p in members:
                     if _is_dtype(merged.get(self._names[p], {}).get(key), dtype):
                         o = buf.offsets[p] - start
                         full[p][key] = bucket[o:o + p.numel()].view_as(p)
         return full
 
-    def _concat_experts(self, full: dict[nn.Parameter, dict]) -> None:
+    def _concat_experts(self, buf: FlatBuffer, full: dict[nn.Parameter, dict]) -> None:
         """Replace each per-element expert state tensor [E_local, ...] by the concatenation over
         expert_parallel_group, [E_local * ep, ...] (global expert index). Collective."""
         ep = group_size(self.expert_parallel_group)
-        for p in self._expert_buffer.offsets:
+        for p in buf.offsets:
             for k in sorted(full.get(p, {}), key=str):
                 v = full[p][k]
                 if _per_element(v, p):
@@ -192,6 +191,14 @@ class OptimizerStateMixin:
         ep = self._expert_parallel_size() if getattr(p, "is_expert", False) else 1
         return (ep * p.shape[0], *p.shape[1:]) if ep > 1 else tuple(p.shape)
 
+    def _stepped_by_param(self) -> dict[nn.Parameter, list[tuple[nn.Parameter, int]]]:
+        """param -> [(stepped tensor, its flat start in the param)] on this rank, in flat order:
+        one shard piece (or the param itself), or the 2-D matrices of a whole_matrices param."""
+        out = {}
+        for q, (p, start) in self._owner.items():
+            out.setdefault(p, []).append((q, start))
+        return out
+
     def save(self, directory: str) -> list[str]:
         """Collective over process_group: every rank writes its own shard of the state into the
         folder, straight from the state tensors (no gather, no copy of the state; GPU tensors are
@@ -200,10 +207,11 @@ class OptimizerStateMixin:
         state = {"param_groups": self._saved_param_groups(),   # the same on every rank
                  "shapes": {self._names[p]: self._global_shape(p)
                             for buf in self._buffers for p in buf.offsets}}
-        for q, st in self.optimizer.state.items():
-            p, start = self._owner[q]
+        for p, qs in self._stepped_by_param().items():
+            st, start = self.optimizer.state.get(qs[0][0], {}), qs[0][1]
             for k, v in st.items():
-                if _per_element(v, q):
+                if _per_element(v, qs[0][0]):   # a param's matrices (whole_matrices): one chunk
+                    v = v if len(qs) == 1 else torch.cat([self.optimizer.state[q][k].reshape(-1) for q, _ in qs])
                     state[f"elem/{self._names[p]}/{k}"] = self._flat_chunk(p, start, v)
                 else:
                     state[f"param/{self._names[p]}/{k}"] = v
@@ -222,23 +230,26 @@ class OptimizerStateMixin:
         for dcp_key, md in read_metadata(directory).state_dict_metadata.items():
             kind, name, key = split_key(dcp_key)
             saved.setdefault(name, []).append((kind, key, dcp_key, md))
-        targets, keys_of = {"param_groups": None}, {}
-        for q, (p, start) in self._owner.items():
+        targets, keys_of, by_param = {"param_groups": None}, {}, self._stepped_by_param()
+        for p, qs in by_param.items():
+            start, numel = qs[0][1], sum(q.numel() for q, _ in qs)
             for kind, key, dcp_key, md in saved.get(self._names[p], []):
                 if kind == "elem":   # read straight into this rank's piece: no full tensor
-                    piece = torch.empty(q.numel(), dtype=md.properties.dtype, device=q.device)
+                    piece = torch.empty(numel, dtype=md.properties.dtype, device=qs[0][0].device)
                     targets[dcp_key] = self._flat_chunk(p, start, piece)
                 elif kind == "param":
                     targets[dcp_key] = (torch.empty(md.size, dtype=md.properties.dtype)
                                         if isinstance(md, TensorStorageMetadata) else None)
-                keys_of.setdefault(q, {})[key] = dcp_key
+                keys_of.setdefault(p, {})[key] = dcp_key
         load_state(directory, targets, self.process_group)
 
         def local_state(q, p, start):
-            if q not in keys_of:
+            if p not in keys_of:
                 return None
-            values = {k: targets[dcp_key] for k, dcp_key in keys_of[q].items()}
-            return {k: v.tensor.view_as(q) if isinstance(v, Chunk) else v for k, v in values.items()}
+            first = by_param[p][0][1]
+            values = {k: targets[dcp_key] for k, dcp_key in keys_of[p].items()}
+            return {k: v.tensor[start - first:start - first + q.numel()].view_as(q) if isinstance(v, Chunk)
+                    else v for k, v in values.items()}
         self._load_local_state(targets["param_groups"], local_state)
 
 
@@ -271,6 +282,15 @@ def split_key(dcp_key: str) -> tuple[str, str, str]:
     kind, _, rest = dcp_key.partition("/")
     name, _, key = rest.rpartition("/")
     return kind, name, key
+
+
+def _whole_state(p: nn.Parameter, stepped: list[nn.Parameter], state) -> dict:
+    """The state of param p from that of the tensors stepped for it, in flat order: p itself, or
+    (whole_matrices) each of its 2-D matrices, whose per-element tensors are concatenated."""
+    if len(stepped) == 1 and stepped[0] is p:
+        return dict(state[p])
+    return {k: torch.cat([state[q][k].reshape(-1) for q in stepped]).view_as(p) if _per_element(v, stepped[0])
+            else v for k, v in state[stepped[0]].items()}
 
 
 def _per_element(value, stepped: nn.Parameter) -> bool:
