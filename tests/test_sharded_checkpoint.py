@@ -26,6 +26,7 @@ from tinytron.distributed.sharded_checkpoint import read_metadata
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.optimizer_state import read_state_dict
 from tinytron.model import GPT
+from tinytron.training import Trainer
 from tinytron.training.checkpoint import CheckpointError, load_checkpoint, read_model_state
 from tinytron.training.config import Config
 
@@ -150,6 +151,22 @@ def test_checkpoint_of_the_older_format_resumes(tmp_path):
     zero = DistributedOptimizer(torch.optim.AdamW(other.parameters()), other)
     with pytest.raises(CheckpointError, match=r"another shape: embed.weight is \(64, 32\) there, \(64, 48\) here"):
         load_checkpoint(ckpt_path(run_dir, 8), other, zero)
+
+
+def _resume_legacy_with_fsdp(log_dir: str) -> str:
+    try:
+        Trainer(tiny_config(log_dir, "--fsdp", "--resume_path", os.path.join(LEGACY, "step_00000004")))
+    except CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
+def test_checkpoint_of_the_older_format_with_fsdp_is_a_one_line_error(tmp_path):
+    """The older gathered files cannot be read into FSDP2's shards: every rank says so in one line
+    (resuming once without --fsdp converts the run)."""
+    for message in run_distributed(_resume_legacy_with_fsdp, 2, str(tmp_path)):
+        assert message.endswith("which loads without --fsdp only: resume it once without --fsdp, then go on "
+                                "with --fsdp") and "\n" not in message, message
 
 
 def test_a_config_of_the_older_version_keeps_its_run_folder():

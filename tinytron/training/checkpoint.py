@@ -269,6 +269,9 @@ def _read_payload(path: str, model: nn.Module, optimizer) -> None:
     legacy = os.path.join(path, LEGACY_MODEL_FILE)
     model_dir = os.path.join(path, "model")
     if os.path.isfile(legacy):
+        if any(hasattr(p, "device_mesh") for p in model.parameters()):   # --fsdp: DTensor shards
+            raise CheckpointError(f"{path} holds the older, gathered format (model.pt), which loads without "
+                                  "--fsdp only: resume it once without --fsdp, then go on with --fsdp")
         load_full_model_state_dict(model, _load(legacy), path)
     else:
         try:
