@@ -154,6 +154,31 @@ def test_off_by_default_and_bitwise_unchanged(tmp_path):
     assert torch.equal(lm, expected)
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_trainer_loss_equals_documents_alone(tmp_path, reset):
+    """The Trainer's own wiring (which tokens the mask is built from, the EOS id, the positions):
+    its micro-batch loss with --document_mask equals the plain model's loss over each document of
+    the inputs cut out and run alone (split after each EOS; offset positions, or from 0 with
+    --reset_position_ids), summed and divided by the token count. 1e-5 relative (fp32)."""
+    flags = ["--document_mask", *(["--reset_position_ids"] if reset else [])]
+    trainer = DocumentsTrainer(tiny_config(tmp_path, *TRAIN, *flags))
+    batch = torch.stack([trainer.train_dataset[i] for i in range(2)])
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    assert ((inputs == EOS).sum(1) >= 2).all()  # every row holds several documents
+    with torch.no_grad():
+        lm, _, _ = trainer._forward_loss(batch)
+        total = torch.zeros(())
+        for row in range(len(inputs)):
+            ends = [i + 1 for i in (inputs[row] == EOS).nonzero().flatten().tolist()]
+            for start, end in zip([0, *ends], [*ends, T]):
+                if start == end:
+                    continue
+                positions = torch.arange(end - start)[None] if reset else torch.arange(start, end)[None]
+                logits = trainer.model(inputs[row:row + 1, start:end], position_ids=positions)
+                total += cross_entropy_sum(logits, targets[row:row + 1, start:end])
+    assert abs(lm - total / targets.numel()) <= 1e-5 * abs(lm), (lm, total / targets.numel())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--reset_position_ids"], "--reset_position_ids needs --document_mask"),
     (["--eos_token_id", "3"], "--eos_token_id needs --document_mask"),
