@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh [RESULTS.md]      (default: gpu_results.md; the full output: RESULTS.md.log)
 #
 # One check failing does not stop the others: its section says FAILED with the exit code, and
-# the script exits 1 at the end. Overlap on NCCL needs two or more GPUs and is not run here.
+# the script exits 1 at the end. Not run here, since they need two or more GPUs: overlap on NCCL
+# and --fsdp (ignored at world size 1: nothing to shard).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=$(realpath -m "${1:-gpu_results.md}")
@@ -48,15 +49,29 @@ small_run() {
   bash scripts/debug_gpt_0.25b/pretrain.sh --total_batch_size 16384 --no-do_val --log_dir "$dir" "$@"
 }
 
+# `figures LOG_DIR`: the last step's figures from the run's metrics.jsonl.
+figures() {
+  python - "$1" >> "$out" <<'EOF'
+import glob, json, sys
+(path,) = glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")
+r = [json.loads(line) for line in open(path)][-1]
+print(f"step {r['step']}: {r['perf/step_time_s']:.3f} s, {r['perf/tokens_per_s']:,.0f} tokens/s, "
+      f"MFU {100 * (r['perf/mfu'] or 0):.1f}%, peak allocated {r['perf/peak_memory_gib']:.2f} GiB, "
+      f"loss {r['train/loss']:.4f}\n")
+EOF
+}
+
+# `trainer_run NAME FLAGS...`: 8 steps of the 0.25B script with FLAGS (the last step's figures).
+trainer_run() {
+  local name=$1
+  shift
+  small_run "$tmp/$name" --max_steps 8 --warmup_steps 2 --no-do_save "$@" && figures "$tmp/$name"
+}
+
 # `peak_and_plan AC`: eager peak memory of 2 steps at --activation_checkpointing AC vs the plan.
 peak_and_plan() {
   small_run "$tmp/mem_$1" --max_steps 2 --warmup_steps 1 --no-do_save --activation_checkpointing "$1" || return
-  python - "$tmp/mem_$1" >> "$out" <<'EOF' || return
-import glob, json, sys
-(path,) = glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")
-record = [json.loads(line) for line in open(path)][-1]
-print(f"eager peak allocated: {record['perf/peak_memory_gib']:.2f} GiB; step time {record['perf/step_time_s']:.2f} s\n")
-EOF
+  figures "$tmp/mem_$1" || return
   echo '```' >> "$out"
   tinytron-plan --num_layer 12 --num_attention_heads 32 --num_key_value_heads 4 --hidden_size 1024 \
     --intermediate_size 4096 --vocab_size 50304 --block_size 4096 --seq_len 4096 --batch_size 4 \
@@ -97,6 +112,12 @@ check "bf16 vs fp32, MoE (100 steps)" python -m benchmarks.bf16 --moe --device c
 check "Memory plan vs eager, no recompute" peak_and_plan none
 check "Memory plan vs eager, full recompute" peak_and_plan full
 check "Preemption and resume on CUDA" preempt_and_resume
+check "Trainer, 0.25B, AdamW (compiled)" trainer_run adamw --use_compile
+check "Trainer, 0.25B, --optimizer muon (compiled)" trainer_run muon --use_compile --optimizer muon
+check "Trainer, 0.25B, --document_mask (flex_attention, compiled)" \
+  trainer_run docmask --use_compile --document_mask --eos_token_id 3
+check "Document mask step time (flex_attention vs causal SDPA)" \
+  python -m benchmarks.document_mask --device cuda --dtype bf16 --preset 0.25b --append "$out"
 
 echo "results: $out (log: $log)"
 exit "$failed"
