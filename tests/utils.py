@@ -7,6 +7,9 @@ import os
 import sys
 
 import torch
+import torch.utils._pytree
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinytron.model import ModelConfig
 from tinytron.training.arguments import build_parser, config_from_args
@@ -102,3 +105,38 @@ def process_tree(root: int) -> list[int]:
     for pid in tree:  # grows while it is walked: breadth-first
         tree += [child for child, parent in parents.items() if parent == pid]
     return tree
+
+
+class PeakMemory(TorchDispatchMode):
+    """The peak bytes of the tensor storages alive at once while the mode is on, seen op by op:
+    what a caching allocator's `max_memory_allocated` counts on CUDA, measured on CPU (where torch
+    keeps no such statistic). Storages made before the mode are not counted unless passed to
+    `hold`. Each op's outputs are counted after the storages freed before it are dropped; buffers a
+    kernel allocates and frees inside itself are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0   # {storage key: (weak ref, bytes)}
+
+    def hold(self, tensors) -> None:
+        for t in tensors:
+            self._add(t)
+
+    def _add(self, t) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            ref = StorageWeakRef(storage)
+            if ref.cdata not in self.live:
+                self.live[ref.cdata] = (ref, storage.nbytes())
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for key, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.now -= size
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            self._add(t)
+        return out

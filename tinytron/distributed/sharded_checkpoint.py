@@ -144,13 +144,15 @@ def save_state(directory: str, state: dict, group=None) -> list[str]:
     group of size 1: this process alone). Files are fsynced before it returns. Returns the paths
     of the files this rank wrote."""
     with _dcp_call():
-        metadata = dcp.save(state, storage_writer=dcp.FileSystemWriter(directory),
-                            planner=_ChunkSavePlanner(), process_group=group, no_dist=_no_dist(group))
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory),
+                 planner=_ChunkSavePlanner(), process_group=group, no_dist=_no_dist(group))
+    # Read from the folder, not from the Metadata dcp.save returns: whether that carries the
+    # storage map differs between torch releases (2.11 returns it without). The writer names each
+    # rank's files `__<rank in group>_<n>.distcp`; the call is collective, so all are on disk now.
     rank = 0 if _no_dist(group) else dist.get_rank(group)
-    files = {info.relative_path for info in metadata.storage_data.values()
-             if info.relative_path.startswith(f"__{rank}_")}
+    files = [f for f in os.listdir(directory) if f.startswith(f"__{rank}_")]
     if rank == 0:
-        files.add(METADATA_FILE)
+        files.append(METADATA_FILE)
     return [os.path.join(directory, f) for f in sorted(files)]
 
 

@@ -14,10 +14,13 @@ same shard rule as ZeRO-1. Activations are what autograd saves for backward, per
 (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
 tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T)
 memory: output and log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments
-per token on every rank). Peak also counts the transients of backward: the recomputed block(s) of
-activation checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA
-context and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
-`--usable_fraction` (0.9) of the GPU.
+per token on every rank). Peak also counts the largest transient of backward: the loss's fp32
+gradients, or later the recomputed block(s) of activation checkpointing, whichever is larger (they
+never coexist), and on CUDA cuBLAS's workspaces. With all of it, the planned peak equals the peak
+of live tensors measured op by op on CPU (tests/test_plan.py) and covers, within 5%,
+`torch.cuda.max_memory_allocated` (tests/test_cuda.py). Not modelled: the CUDA context and NCCL
+buffers (~1-2 GiB, outside torch's allocator), allocator fragmentation, torch.compile workspaces:
+the fit uses `--usable_fraction` (0.9) of the GPU.
 """
 
 import dataclasses
@@ -160,7 +163,7 @@ def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
 def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> dict:
     """Bytes of one micro-batch of `batch_size` sequences on one rank (T/sep tokens each):
     {"saved": what autograd keeps from forward to backward, "transient": the largest extra at
-    once in backward (recomputed block of checkpointing + logits and their fp32 copy)}.
+    once in backward: the loss's fp32 gradients or the recomputed block of checkpointing}.
 
     Per token, a = 2 (bf16 autocast) or 4 (fp32) bytes per element; the residual stream, RMSNorm
     and loss are fp32:
@@ -200,21 +203,28 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
     saved = (tokens * (m.num_layer * layer + norm + a * C + 4 * V + 16)
              + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
-    logits = V * (a + 4 if a == 2 else 4)  # bf16 logits + their fp32 copy (fp32: the logits)
-    return {"saved": saved, "transient": tokens * (recompute + logits)}
+    # The loss's backward, while its saved fp32 log-softmax is alive: the gradient of the
+    # log-softmax output and of its input, both fp32 (then cast to the logits' dtype, after the
+    # first is freed). The recomputed block(s) come later, once the loss's tensors are freed.
+    logits = 8 * V
+    return {"saved": saved, "transient": tokens * max(recompute, logits)}
 
 
 def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
     return max(0, int((usable - fixed) // per_seq))
 
 
-def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: float = 0.9,
-         trainer_cls=Trainer) -> str:
-    """The report `tinytron-plan` prints (raises ConfigError on bad flags)."""
-    grad_accum = validate_config(cfg, world_size)
+# cuBLAS keeps a workspace per (thread, stream), allocated through torch's caching allocator (so
+# counted by max_memory_allocated): one for forward (the main thread) and one for backward (autograd's
+# device thread), 32 MiB each by torch's default on Hopper.
+CUDA_WORKSPACE_BYTES = 2 * 32 * 2**20
+
+
+def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = "cuda") -> dict:
+    """Everything `plan` prints, as numbers: {"states": {(sep, engine): state bytes}, "engines",
+    "engine" (the run's: True/False = ZeRO-1 on/off, or "fsdp"), "step_transient" (Muon),
+    (sep, mode): {"act", "copies", "total", "fixed", "per_seq"}} for sep in {1, the run's}."""
     t, sep, zero1 = cfg.training, cfg.parallel.sep_size, cfg.optim.use_distributed_optimizer
-    dp = world_size // sep
-    usable = usable_fraction * gpu_memory_gib * GiB
     seps = sorted({1, sep})
     # Ranks differ only by padding and shard boundaries: report the largest.
     states = {(s, z): max(state_bytes(_with_sep(cfg, s), world_size, z, trainer_cls), key=lambda b: b["optimizer"])
@@ -224,40 +234,63 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
         for s in seps:
             states[s, "fsdp"] = max(fsdp_state_bytes(_with_sep(cfg, s), world_size, trainer_cls),
                                     key=lambda b: b["optimizer"] + b["params"])
-    engines = (True, False, "fsdp") if fsdp else (True, False)
-    muon = cfg.optim.optimizer == "muon"
-    step_transient = muon_step_bytes(cfg, trainer_cls)   # Muon: one matrix's update at a time
-    engine = "fsdp" if fsdp else zero1
-    lines = [f"world {world_size} = dp {dp} x sep {sep}; micro-batch {t.batch_size} x {t.seq_len} tokens, "
-             f"grad accumulation {grad_accum}; {t.precision}; GPU {gpu_memory_gib:g} GiB, "
-             f"{usable_fraction:.0%} usable = {usable / GiB:.1f} GiB", "",
-             f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>6}"
-                                                      + (f"{'FSDP':>8}" if fsdp else "") for s in seps)]
-    rows = (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
-            ("optimizer", "AdamW m, v + Muon momentum" if muon else "AdamW state (fp32 m, v)"))
-    for key, label in rows + ((("in_flight", "FSDP2 buffers in flight"),) if fsdp else ()):
-        lines.append(f"  {label:<25}" + "".join(
-            "".join(f"{states[s, z].get(key, 0) / GiB:>{w}.3f}" for z, w in zip(engines, (18, 7, 8))) for s in seps))
-    if muon:
-        lines.append(f"  {'Muon step transient':<25}{step_transient / GiB:>18.3f}  (the largest matrix's update)")
-    lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
-              f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
-              "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
-    totals = {}
+    out = {"states": states, "seps": seps, "engines": (True, False, "fsdp") if fsdp else (True, False),
+           "engine": "fsdp" if fsdp else zero1, "fsdp": fsdp,
+           "step_transient": muon_step_bytes(cfg, trainer_cls)}   # Muon: one matrix's update at a time
+    workspace = CUDA_WORKSPACE_BYTES if device == "cuda" else 0
     for s in seps:
         for mode in MODES:
             act, one = activation_bytes(cfg, t.batch_size, s, mode), activation_bytes(cfg, 1, s, mode)
             copies = weight_copy_bytes(cfg, s, "full" if fsdp else mode)   # FSDP: blocks gathered in bf16
             rope = 8 * (t.seq_len // s) * cfg.model.head_dim  # per micro-batch, not per sequence
-            fixed = sum(states[s, engine].values()) + copies + rope + step_transient
-            totals[s, mode] = (fixed + sum(act.values()) - rope, fixed, sum(one.values()) - rope)
+            fixed = sum(states[s, out["engine"]].values()) + copies + rope + out["step_transient"] + workspace
+            out[s, mode] = {"act": act, "copies": copies, "fixed": fixed,
+                            "total": fixed + sum(act.values()) - rope, "per_seq": sum(one.values()) - rope}
+    return out
+
+
+def peak_bytes(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = "cuda") -> int:
+    """The planned peak of one rank of this run (its --sep_size and --activation_checkpointing):
+    the total `plan` reports under "this run" (device "cuda"; "cpu": without cuBLAS's workspaces)."""
+    run = cfg.parallel.sep_size, cfg.training.activation_checkpointing
+    return _breakdown(cfg, world_size, trainer_cls, device)[run]["total"]
+
+
+def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: float = 0.9,
+         trainer_cls=Trainer) -> str:
+    """The report `tinytron-plan` prints (raises ConfigError on bad flags)."""
+    grad_accum = validate_config(cfg, world_size)
+    t, sep, zero1 = cfg.training, cfg.parallel.sep_size, cfg.optim.use_distributed_optimizer
+    dp = world_size // sep
+    usable = usable_fraction * gpu_memory_gib * GiB
+    b = _breakdown(cfg, world_size, trainer_cls)
+    seps, states, fsdp, muon = b["seps"], b["states"], b["fsdp"], cfg.optim.optimizer == "muon"
+    lines = [f"world {world_size} = dp {dp} x sep {sep}; micro-batch {t.batch_size} x {t.seq_len} tokens, "
+             f"grad accumulation {grad_accum}; {t.precision}; GPU {gpu_memory_gib:g} GiB, "
+             f"{usable_fraction:.0%} usable = {usable / GiB:.1f} GiB", "",
+             f"{'per-rank state (GiB)':<27}" + "".join(f"{f'sep {s}: ZeRO-1 on':>18} {'off':>7}"
+                                                      + (f"{'FSDP':>8}" if fsdp else "") for s in seps)]
+    rows = (("params", "parameters (fp32)"), ("grads", "gradients (fp32)"),
+            ("optimizer", "AdamW m, v + Muon momentum" if muon else "AdamW state (fp32 m, v)"))
+    for key, label in rows + ((("in_flight", "FSDP2 buffers in flight"),) if fsdp else ()):
+        lines.append(f"  {label:<25}" + "".join(
+            "".join(f"{states[s, z].get(key, 0) / GiB:>{w}.3f}" for z, w in zip(b["engines"], (18, 8, 8)))
+            for s in seps))
+    if muon:
+        lines.append(f"  {'Muon step transient':<25}{b['step_transient'] / GiB:>18.3f}  (the largest matrix's update)")
+    lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
+              f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
+              "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
+    for s in seps:
+        for mode in MODES:
+            row, act = b[s, mode], b[s, mode]["act"]
             lines.append(f"  {s:<4} {mode:<15} {act['saved'] / GiB:>7.3f} {act['transient'] / GiB:>19.3f} "
-                         f"{copies / GiB:>19.3f} {_largest_batch(usable, *totals[s, mode][1:]):>21}")
+                         f"{row['copies'] / GiB:>19.3f} {_largest_batch(usable, row['fixed'], row['per_seq']):>21}")
     mode = t.activation_checkpointing
-    total, fixed, per_seq = totals[sep, mode]
+    total, fixed, per_seq = (b[sep, mode][k] for k in ("total", "fixed", "per_seq"))
     fit = _largest_batch(usable, fixed, per_seq)
     seqs_per_rank = t.total_batch_size // (t.seq_len * dp)
-    valid = [b for b in range(1, min(fit, seqs_per_rank) + 1) if seqs_per_rank % b == 0]
+    valid = [n for n in range(1, min(fit, seqs_per_rank) + 1) if seqs_per_rank % n == 0]
     lines += ["", f"this run (--activation_checkpointing {mode}, --sep_size {sep}): "
               f"{total / GiB:.2f} GiB of {usable / GiB:.1f} usable per rank: "
               + ("fits" if total <= usable else "DOES NOT FIT"),
