@@ -11,11 +11,30 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The Python that runs torchrun (as `python -m torch.distributed.run`) and the workers, so that no
+# venv needs activating: $TINYTRON_PYTHON, else the active venv's ($VIRTUAL_ENV), else the venv at
+# the repository's root (.venv, README's setup), else python3 on PATH.
+if [ -n "${TINYTRON_PYTHON:-}" ]; then
+  PYTHON=$TINYTRON_PYTHON
+elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then
+  PYTHON=$VIRTUAL_ENV/bin/python
+elif [ -x .venv/bin/python ]; then
+  PYTHON=$PWD/.venv/bin/python
+else
+  PYTHON=$(command -v python3 || true)
+fi
+if [ -z "$PYTHON" ] || ! "$PYTHON" -c 'import torch' 2>/dev/null; then
+  echo "error: no Python with torch found (tried \$TINYTRON_PYTHON, \$VIRTUAL_ENV, .venv/bin/python, python3" \
+    "on PATH${PYTHON:+: $PYTHON has no torch}); install as README.md says or set TINYTRON_PYTHON" >&2
+  exit 2
+fi
+echo "[launch] python: $PYTHON" >&2
+
 NUM_NODES=${NUM_NODES:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 if [ -z "${NPROC_PER_NODE:-}${PET_NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
+  NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
 fi
 SEP_SIZE=${SEP_SIZE:-1}
 # The workers of a restart must not share the agent's TCPStore: it still holds the previous
@@ -55,7 +74,7 @@ launch() {
   local entry=$1; shift
   TINYTRON_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/tinytron-stop.XXXXXX")
   export TINYTRON_STOP_FILE
-  (trap '' USR1; exec torchrun "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &
+  (trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &
   torchrun_pid=$!
   trap 'forward_signal TERM' TERM
   trap 'forward_signal USR1' USR1

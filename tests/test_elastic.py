@@ -13,7 +13,7 @@ import time
 import torch
 
 from tests.dist_helper import free_port
-from tests.utils import TINY_FLAGS, children, process_tree, read_log, torchrun_env
+from tests.utils import TINY_FLAGS, children, launch_env, process_tree, read_log
 from tinytron.training.checkpoint import list_complete, read_model_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_killed_worker_restarts_and_resumes_bitwise(tmp_path):
     (each step logged once) and the same final weights, bitwise, as an uninterrupted run (which
     runs alongside, to save time)."""
     killed = tmp_path / "killed"
-    env = {**torchrun_env(tmp_path / "bin"), "MAX_RESTARTS": "1", "NPROC_PER_NODE": "2"}
+    env = {**launch_env(), "MAX_RESTARTS": "1", "NPROC_PER_NODE": "2"}
     with _job(LAUNCH, killed, *LONG_RUN, env=env) as proc, \
             _job(TORCHRUN + [WORKER], tmp_path / "ref", *LONG_RUN) as ref:
         deadline = time.monotonic() + 60
@@ -138,17 +138,18 @@ def test_time_based_saves_happen_at_the_same_step_on_every_rank(tmp_path):
 
 
 def test_launch_sh_flags(tmp_path):
-    """The torchrun command line scripts/launch.sh builds (a fake torchrun echoes it, after the
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE it exports)."""
-    (tmp_path / "torchrun").write_text('#!/bin/sh\necho "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "$@"\n')
-    (tmp_path / "torchrun").chmod(0o755)
+    """The torchrun command line scripts/launch.sh builds (a fake TINYTRON_PYTHON echoes what follows
+    its `-m torch.distributed.run`, after the TORCH_DISABLE_SHARE_RDZV_TCP_STORE it exports)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nshift 2\necho "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "$@"\n')
+    fake.chmod(0o755)
     ours = ("NUM_NODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "MAX_RESTARTS", "RUN_ID",
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
     base = {k: v for k, v in os.environ.items() if not k.startswith("PET_") and k not in ours}
 
     def flags(**env):
         r = subprocess.run(LAUNCH[:-1] + ["x.py", "--a", "1"], cwd=REPO, capture_output=True, text=True,
-                           check=True, env={**base, "PATH": f"{tmp_path}:{os.environ['PATH']}", **env})
+                           check=True, env={**base, "TINYTRON_PYTHON": str(fake), **env})
         return r.stdout.split()
 
     entry = ["x.py", "--sep_size", "1", "--a", "1"]

@@ -19,7 +19,7 @@ import sys
 import time
 
 from tests.dist_helper import free_port
-from tests.utils import TINY_FLAGS, children, process_tree, read_log, torchrun_env
+from tests.utils import TINY_FLAGS, children, launch_env, process_tree, read_log
 from tinytron.training.checkpoint import list_complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ class Job:
         self.out_dir, self.start = str(out_dir), time.monotonic()
         with open(f"{out_dir}/stdout", "w") as out, open(f"{out_dir}/stderr", "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
-                                         env={**torchrun_env(f"{out_dir}/bin", *path), "PYTHONPATH": REPO,
+                                         env={**launch_env(*path), "PYTHONPATH": REPO,
                                               "MASTER_PORT": str(free_port()),
                                               "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0", **(env or {})})
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.dist_helper import free_port, run_distributed
-from tests.utils import TINY_FLAGS, read_log, tiny_config, torchrun_env
+from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import find_latest, list_complete
@@ -115,6 +115,17 @@ def test_bad_flags_one_line_error(tmp_path, flags, message):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_torch_older_than_the_floor_is_one_line(tmp_path):
+    """pretrain_debug.py under a torch that reports 2.10 (patched before the entry script runs)."""
+    code = ("import runpy, sys, torch; torch.__version__ = '2.10.1+cu128'; sys.argv[0] = 'pretrain_debug.py'; "
+            "runpy.run_path('pretrain_debug.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: torch 2.10.1+cu128 is installed; Tinytron needs torch >= 2.11 " \
+        "(pip install 'torch>=2.11')"
+
+
 def test_unknown_precision_is_rejected(tmp_path):
     r = _cli(*TINY_FLAGS, "--precision", "fp8")
     assert r.returncode == 2 and "--precision: invalid choice: 'fp8'" in r.stderr
@@ -142,7 +153,7 @@ def test_debug_cpu_script_runs(tmp_path):
     logs = tmp_path / "logs"
     r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--max_steps", "12", "--log_dir", str(logs)],
                        cwd=REPO, capture_output=True, text=True, timeout=180,
-                       env={**torchrun_env(tmp_path / "bin"), "MASTER_PORT": str(free_port())})
+                       env={**launch_env(), "MASTER_PORT": str(free_port())})
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = [os.path.join(logs, d) for d in os.listdir(logs)]
     losses = read_log(run_dir)

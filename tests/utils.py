@@ -62,19 +62,14 @@ def read_log(run_dir: str, kind: str = "train") -> dict[int, float]:
     return out
 
 
-def torchrun_env(bin_dir, *first_on_path) -> dict:
-    """os.environ with a `torchrun` of THIS interpreter on PATH, for tests that run the launch
-    scripts: the tests may run as `.venv/bin/python -m pytest` without an activated venv, when
-    another (or no) torchrun is on PATH. PATH is `first_on_path` (a test's stand-ins, such as
-    `scontrol`), the shim, this interpreter's folder (its `python3`, which scripts/launch.sh may
-    call), then the caller's PATH: a test adds folders here instead of replacing PATH."""
-    shim = os.path.join(bin_dir, "torchrun")
-    os.makedirs(bin_dir, exist_ok=True)
-    with open(shim, "w") as f:
-        f.write(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
-    os.chmod(shim, 0o755)
-    path = (*map(str, first_on_path), str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", ""))
-    return {**os.environ, "PATH": os.pathsep.join(path)}
+def launch_env(*first_on_path) -> dict:
+    """os.environ for tests that run the launch scripts with THIS interpreter: the tests may run as
+    `.venv/bin/python -m pytest` without an activated venv, and with a .venv at the repository's
+    root scripts/launch.sh would take that one, where a run of the suite under another venv (the
+    torch floor's) must launch its own: TINYTRON_PYTHON names it. PATH is `first_on_path` (a test's
+    stand-ins, such as `scontrol`), then the caller's PATH."""
+    path = (*map(str, first_on_path), os.environ.get("PATH", ""))
+    return {**os.environ, "PATH": os.pathsep.join(path), "TINYTRON_PYTHON": sys.executable}
 
 
 def _live_parents() -> dict[int, int]:

@@ -9,7 +9,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
+
+import torch
 
 from tinytron.data.tokenize import DEFAULT_VAL_FRACTION
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
@@ -253,8 +256,23 @@ def resume_changes(saved: dict, cfg: Config, source: str) -> list[str]:
     return changes
 
 
+# The oldest torch the project declares (pyproject.toml) and CI tests (.ci/run's second venv).
+TORCH_FLOOR = (2, 11)
+
+
+def check_torch_version() -> None:
+    """ConfigError when the installed torch is older than TORCH_FLOOR (e.g. a source checkout run
+    with PYTHONPATH in an environment pip never checked)."""
+    version = torch.__version__
+    major, minor = (int(re.match(r"\d+", part).group()) for part in version.split(".")[:2])
+    if (major, minor) < TORCH_FLOOR:
+        raise ConfigError(f"torch {version} is installed; Tinytron needs torch >= "
+                          f"{'.'.join(map(str, TORCH_FLOOR))} (pip install 'torch>={'.'.join(map(str, TORCH_FLOOR))}')")
+
+
 def validate_config(cfg: Config, world_size: int) -> int:
     """Check every constraint; return grad_accum_steps. Raises ConfigError."""
+    check_torch_version()
     m, t, o, p = cfg.model, cfg.training, cfg.optim, cfg.parallel
     try:
         m.validate()
