@@ -2,7 +2,10 @@
 same batches) in both precisions; prints the max |loss difference| over the steps, the relative
 grad-norm difference and the final validation losses.
 
-    python -m benchmarks.bf16 [--moe] [--device cuda] [--append docs/benchmarks.md] [-- TRAINER FLAGS]
+    python -m benchmarks.bf16 [--moe] [--mock] [--device cuda] [--append docs/benchmarks.md] [-- TRAINER FLAGS]
+
+--mock: mock tokens instead of Tiny Shakespeare (no `datasets` needed, nor ../shared/data: what a stock
+CUDA image and benchmarks/gpu.sh have).
 
 Parameters, gradients and AdamW state stay fp32 in both runs; bf16 changes the matmul inputs
 and outputs only (RMSNorm, RoPE, the router, softmax statistics and the loss stay fp32). The figure
@@ -17,11 +20,12 @@ import torch
 
 from benchmarks.common import markdown_table, report
 from pretrain_example import ExampleTrainer  # the repository root's entry script (run from there)
+from tinytron.training import Trainer
 from tinytron.training.arguments import build_parser, config_from_args
 
 DATA = "../shared/data/tinyshakespeare"
-FLAGS = ["--dataset", f"{DATA}/input.txt", "--tokenizer", f"{DATA}/tokenizer", "--val_fraction", "0.1",
-         "--num_layer", "2", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
+DATA_FLAGS = ["--dataset", f"{DATA}/input.txt", "--tokenizer", f"{DATA}/tokenizer", "--val_fraction", "0.1"]
+FLAGS = ["--num_layer", "2", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--intermediate_size", "384", "--vocab_size", "4096", "--block_size", "128",
          "--seq_len", "128", "--batch_size", "16", "--total_batch_size", "2048",
          "--max_steps", "100", "--warmup_steps", "10", "--max_lr", "2e-3", "--min_lr", "2e-4",
@@ -31,6 +35,9 @@ MOE_FLAGS = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "-
 
 
 class RecordingTrainer(ExampleTrainer):
+    def _init_dataset(self):
+        return Trainer._init_dataset(self) if self.config.data.use_mock_data else super()._init_dataset()
+
     def train_step(self, batches):
         stats = super().train_step(batches)
         self.history.append((stats["loss"], stats["aux_loss"], stats["grad_norm"]))
@@ -41,8 +48,9 @@ class RecordingTrainer(ExampleTrainer):
         return self.val_loss
 
 
-def run(precision: str, device: str, flags: list[str], log_dir: str) -> tuple[np.ndarray, float]:
-    args = FLAGS + ["--device", device, "--precision", precision, "--log_dir", log_dir, *flags]
+def run(precision: str, device: str, flags: list[str], log_dir: str, mock: bool) -> tuple[np.ndarray, float]:
+    data = ["--use_mock_data", "--mock_data_num_samples", "4000"] if mock else DATA_FLAGS
+    args = data + FLAGS + ["--device", device, "--precision", precision, "--log_dir", log_dir, *flags]
     trainer = RecordingTrainer(config_from_args(build_parser().parse_args(args)))
     trainer.history = []
     trainer.train()
@@ -52,13 +60,15 @@ def run(precision: str, device: str, flags: list[str], log_dir: str) -> tuple[np
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--moe", action="store_true", help="the same model with 4 experts, top-2")
+    p.add_argument("--mock", action="store_true", help="mock tokens instead of Tiny Shakespeare (no datasets)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--append", default=None)
     p.add_argument("trainer_flags", nargs="*", help="after --: more Trainer flags (override ours)")
     args = p.parse_args()
     flags = (MOE_FLAGS if args.moe else []) + args.trainer_flags
     with tempfile.TemporaryDirectory() as tmp:
-        (fp32, val32), (bf16, val16) = (run(prec, args.device, flags, f"{tmp}/{prec}") for prec in ("fp32", "bf16"))
+        (fp32, val32), (bf16, val16) = (run(prec, args.device, flags, f"{tmp}/{prec}", args.mock)
+                                        for prec in ("fp32", "bf16"))
     dloss = np.abs(bf16[:, 0] - fp32[:, 0])
     rel_norm = np.abs(bf16[:, 2] - fp32[:, 2]) / fp32[:, 2]
     rows = [["max over steps", f"{dloss.max():.2e} (step {dloss.argmax()})", f"{rel_norm.max():.2%}"],
@@ -69,7 +79,8 @@ def main() -> None:
         aux = (f"{daux.max():.2e}", f"{daux.mean():.2e}", f"{daux[-10:].max():.2e}")
         rows = [row + [f] for row, f in zip(rows, aux)]
     header = ["abs(bf16 - fp32)", "train loss", "grad norm (relative)"] + (["aux loss"] if args.moe else [])
-    body = (f"{'MoE (4 experts, top-2)' if args.moe else 'Dense'} model, 2 layers, hidden 128, Tiny Shakespeare, "
+    body = (f"{'MoE (4 experts, top-2)' if args.moe else 'Dense'} model, 2 layers, hidden 128, "
+            f"{'mock tokens' if args.mock else 'Tiny Shakespeare'}, "
             f"{len(fp32)} steps of 16 x 128 tokens. Train loss fp32 {fp32[0, 0]:.4f} -> {fp32[-1, 0]:.4f}, "
             f"bf16 {bf16[0, 0]:.4f} -> {bf16[-1, 0]:.4f}; final val loss fp32 {val32:.4f}, bf16 {val16:.4f}.\n\n"
             + markdown_table(header, rows))

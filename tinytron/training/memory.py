@@ -214,10 +214,10 @@ def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
     return max(0, int((usable - fixed) // per_seq))
 
 
-# cuBLAS keeps a workspace per (thread, stream), allocated through torch's caching allocator (so
-# counted by max_memory_allocated): one for forward (the main thread) and one for backward (autograd's
-# device thread), 32 MiB each by torch's default on Hopper.
-CUDA_WORKSPACE_BYTES = 2 * 32 * 2**20
+# cuBLAS and cuBLASLt keep a workspace per (thread, stream), allocated through torch's caching
+# allocator (so counted by max_memory_allocated): forward runs on the main thread, backward on
+# autograd's device thread; 32 MiB each by torch's default on Hopper: at most 4 x 32 MiB.
+CUDA_WORKSPACE_BYTES = 4 * 32 * 2**20
 
 
 def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = "cuda") -> dict:
