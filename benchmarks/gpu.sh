@@ -82,11 +82,11 @@ peak_and_plan() {
 }
 
 check "cuda test tier" 200 python3 -m pytest -m cuda -q -rP -p no:cacheprovider tests/test_cuda.py
-check "Trainer, GPT-2 124M shape (SwiGLU 2048, tied), --use_compile" 90 trainer gpt2 "${GPT2[@]}" --use_compile
-check "Trainer, 0.25B preset (head_dim 32), --use_compile" 90 trainer p025 "${P025[@]}" --use_compile
-check "Trainer, 1B (16 x 2048, head_dim 128, kv 4), --use_compile" 100 trainer p1b "${P1B[@]}" --use_compile
-check "Memory plan vs eager, 0.25B, no recompute" 60 peak_and_plan none
-check "Memory plan vs eager, 0.25B, full recompute" 60 peak_and_plan full
+check "Trainer, GPT-2 124M shape (SwiGLU 2048, tied), --use_compile" 80 trainer gpt2 "${GPT2[@]}" --use_compile
+check "Trainer, 0.25B preset (head_dim 32), --use_compile" 80 trainer p025 "${P025[@]}" --use_compile
+check "Trainer, 1B (16 x 2048, head_dim 128, kv 4), --use_compile" 90 trainer p1b "${P1B[@]}" --use_compile
+check "Memory plan vs eager, 0.25B, no recompute" 50 peak_and_plan none
+check "Memory plan vs eager, 0.25B, full recompute" 50 peak_and_plan full
 
 echo "results: $out (log: $log)"
 exit "$failed"

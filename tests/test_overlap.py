@@ -13,8 +13,10 @@ from tests.test_zero1 import TINY_BUCKET_MB, global_params, local_model, make_op
 from tests.utils import tiny_config
 from tinytron.distributed.parallel_state import initialize_parallel_state
 
-# What gloo runs: reduce-scatter is an all-to-all (see grad_buffer.reduce_scatter).
-REDUCE, GATHER = "all_to_all_single", "all_gather_single"
+# What gloo runs: reduce-scatter is an all-to-all (see grad_buffer.reduce_scatter); the all-gather is
+# all_gather_single from torch 2.13, all_gather_into_tensor before (grad_buffer.all_gather).
+REDUCE = "all_to_all_single"
+GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 
 
 class _RecordedWork:

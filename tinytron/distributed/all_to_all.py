@@ -30,6 +30,10 @@ class _AllToAllVariable(torch.autograd.Function):
         return _all_to_all_variable(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
 
 
+# Kept out of compiled graphs (--use_compile breaks the graph here, as it must at a collective):
+# torch 2.11's dynamo traced this Function into the compiled block and gave wrong gradients under
+# Ulysses + expert parallelism (tests/test_parallel_training.py::test_compile_parity).
+@torch.compiler.disable
 def all_to_all_variable(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
                         group) -> torch.Tensor:
     """x: [sum(send_splits), ...] on this rank; rows [sum(send_splits[:r]), +send_splits[r]) go to
