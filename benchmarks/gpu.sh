@@ -35,7 +35,7 @@ check() {
   printf '\n## %s\n\n`%s`\n\n' "$title" "$*" >> "$out"
   echo "=== $title: $*" >> "$log"
   start=$(date +%s)
-  timeout "$limit" "$@" >> "$log" 2>&1
+  timeout "$limit" bash -c '"$@"' "$title" "$@" >> "$log" 2>&1   # a new bash: the functions are exported
   rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ": over its $limit s")); see $log" >> "$out"
@@ -71,22 +71,27 @@ P025=(--num_layer 12 --num_attention_heads 32 --num_key_value_heads 4 --hidden_s
 P1B=(--num_layer 16 --hidden_size 2048 --num_attention_heads 16 --num_key_value_heads 4 --intermediate_size 8192
      --vocab_size 50304 --block_size 4096 --seq_len 4096 --batch_size 2 --total_batch_size 8192)
 
-# `peak_and_plan AC`: the 0.25B preset's eager peak at --activation_checkpointing AC vs the plan.
+# `peak_and_plan AC FLAGS...`: the eager peak of a run with FLAGS at --activation_checkpointing AC (a
+# process of its own: cuBLAS's workspaces included) vs the plan.
 peak_and_plan() {
-  trainer "mem_$1" "${P025[@]}" --max_steps 2 --warmup_steps 1 --activation_checkpointing "$1" || return
+  local mode=$1
+  shift
+  trainer "mem_$mode" "$@" --max_steps 2 --warmup_steps 1 --activation_checkpointing "$mode" || return
   {
     echo '```'
-    python3 -m tinytron.commands.plan "${P025[@]}" --activation_checkpointing "$1" --world_size 1
+    python3 -m tinytron.commands.plan "$@" --activation_checkpointing "$mode" --world_size 1
     echo '```'
   } >> "$out"
 }
 
+export out tmp
+export -f figures trainer peak_and_plan
 check "cuda test tier" 200 python3 -m pytest -m cuda -q -rP -p no:cacheprovider tests/test_cuda.py
 check "Trainer, GPT-2 124M shape (SwiGLU 2048, tied), --use_compile" 80 trainer gpt2 "${GPT2[@]}" --use_compile
 check "Trainer, 0.25B preset (head_dim 32), --use_compile" 80 trainer p025 "${P025[@]}" --use_compile
 check "Trainer, 1B (16 x 2048, head_dim 128, kv 4), --use_compile" 90 trainer p1b "${P1B[@]}" --use_compile
-check "Memory plan vs eager, 0.25B, no recompute" 50 peak_and_plan none
-check "Memory plan vs eager, 0.25B, full recompute" 50 peak_and_plan full
+check "Memory plan vs eager, 0.25B, no recompute" 50 peak_and_plan none "${P025[@]}"
+check "Memory plan vs eager, 0.25B, full recompute" 50 peak_and_plan full "${P025[@]}"
 
 echo "results: $out (log: $log)"
 exit "$failed"
