@@ -104,8 +104,8 @@ def test_flex_backward_equals_documents_alone(device, heads, kv_heads):
     compiled once per process): the gradients of q, k and v of a packed window equal those of each
     document run alone through SDPA's causal attention (independent of the mask), for any upstream
     gradient. fp32; 1e-5 relative to the largest element, as the forward checks: the two sides
-    differ only in summation order (blockwise online softmax vs SDPA's), measured on an H200 below
-    1e-6; a gradient leaking across documents is of the order of the gradients themselves."""
+    differ only in summation order (blockwise online softmax vs SDPA's), measured on an H200 (torch
+    2.11) at most 1.2e-6; a mask of one document per window gives 0.66-0.95."""
     g = torch.Generator().manual_seed(0)
     B, T, D = len(FLEX_DOCS), sum(FLEX_DOCS[0]), 16
     tokens = torch.randint(1, VOCAB, (B, T), generator=g)
