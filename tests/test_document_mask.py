@@ -239,7 +239,7 @@ def test_trainer_gives_the_model_document_positions(world1, world2):
                 want = expected_positions(inputs, reset)[:, chunk]
                 assert torch.equal(positions.expand_as(want), want), (name, sep, rank, positions, want)
                 restarted |= not torch.equal(want, expected_positions(inputs, False)[:, chunk])
-        assert restarted == reset, name   # the windows hold several documents, in every chunk
+        assert restarted == reset, name   # some chunk starts a document after its first token
 
 
 def test_off_by_default_and_bitwise_unchanged(tmp_path):
