@@ -5,7 +5,8 @@ causal model on its own, with its original positions in the window (offset posit
 positions from 0 under --reset_position_ids. The EOS closes its document. The window's logits must
 equal the documents' logits, and the gradient of the window's summed loss the sum of the documents'
 (the loss is a sum over tokens, so it splits by document), for both engines (SDPA's boolean mask;
-flex_attention's block mask, here torch's eager CPU implementation of it), in one process and under
+flex_attention's block mask, here torch's eager CPU implementation of it, forward only: torch has no
+flex backward on CPU, which test_flex_backward_equals_documents_alone checks on CUDA), in one process and under
 Ulysses at sep 2 and 4 (gloo), MHA and GQA. Tolerance 1e-5 relative to the largest element (fp32):
 the two sides differ only in summation order (softmax over masked-out keys, matmuls of other shapes,
 the SEP all-reduce of the gradients), measured below 1e-6; a token seeing another document or a wrong
@@ -14,20 +15,22 @@ position gives errors of order 1e-1.
 Trainer: the same run with the mask at sep 1 and sep 2 (one of them with full recomputation) gives
 the same losses, grad norms and validation losses (measured: 2e-7 relative at most; 1e-5, as
 tests/test_parallel_training.py), and the mask changes them by 3e-2 (it is applied); off by default
-and then the step is bitwise the plain causal model's.
+and then the step is bitwise the plain causal model's. The position ids the model receives from the
+Trainer are observed at its input (the losses cannot tell them apart: RoPE sees relative positions).
 """
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.dist_helper import run_distributed
-from tests.document_windows import DOCS, EOS, T, build_model, documents_alone, sep_checks, window, window_run
+from tests.document_windows import DOCS, EOS, VOCAB, T, build_model, documents_alone, sep_checks, window, window_run
 from tests.test_parallel_training import RecordingTrainer
 from tests.utils import max_rel, tiny_config
 from tinytron.data.mock import MockDataset
 from tinytron.distributed.sequence_parallel import sequence_chunk
-from tinytron.model.document_mask import document_layout
+from tinytron.model.document_mask import document_attention, document_layout
 from tinytron.model.gpt import cross_entropy_sum
 from tinytron.training import Trainer
 from tinytron.training.config import ConfigError, validate_config
@@ -81,6 +84,47 @@ def _assert_ulysses(results: list, sep: int) -> None:
             _assert_same(out[i], expected, f"sep {sep} rank {rank} heads {heads}/{kv_heads} reset {reset} flex {flex}")
 
 
+# flex_attention's backward: windows of 256 tokens (two of flex's 128-token blocks) of documents
+# crossing the block boundary, ending on it, one token long, and one document filling the window.
+FLEX_DOCS = [(100, 1, 60, 95), (128, 128), (256,)]
+FLEX_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.xfail(
+        raises=NotImplementedError, strict=True,
+        reason="torch's flex_attention has no backward on CPU (the Trainer uses SDPA's mask there); strict: "
+               "a torch that adds one makes this case run")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="needs CUDA")]),
+]
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("device", FLEX_DEVICES)
+def test_flex_backward_equals_documents_alone(device, heads, kv_heads):
+    """flex_attention with the document block mask (the path the Trainer takes on CUDA: the copy
+    compiled once per process): the gradients of q, k and v of a packed window equal those of each
+    document run alone through SDPA's causal attention (independent of the mask), for any upstream
+    gradient. fp32; 1e-5 relative to the largest element, as the forward checks: the two sides
+    differ only in summation order (blockwise online softmax vs SDPA's), measured on an H200 (torch
+    2.11) at most 1.2e-6; a mask of one document per window gives 0.66-0.95."""
+    g = torch.Generator().manual_seed(0)
+    B, T, D = len(FLEX_DOCS), sum(FLEX_DOCS[0]), 16
+    tokens = torch.randint(1, VOCAB, (B, T), generator=g)
+    for row, lengths in enumerate(FLEX_DOCS):
+        tokens[row, np.cumsum(lengths)[:-1] - 1] = EOS
+    q, k, v, up = (torch.randn(B, h, T, D, generator=g).to(device) for h in (heads, kv_heads, kv_heads, heads))
+    mask, _ = document_layout(tokens.to(device), EOS, torch.arange(T, device=device)[None], False, True)
+    window = [t.clone().requires_grad_() for t in (q, k, v)]
+    (document_attention(*window, mask) * up).sum().backward()
+    alone = [t.clone().requires_grad_() for t in (q, k, v)]
+    for row, lengths in enumerate(FLEX_DOCS):
+        for start, end in zip(np.cumsum((0, *lengths[:-1])), np.cumsum(lengths)):
+            doc = [t[row:row + 1, :, start:end] for t in alone]
+            out = F.scaled_dot_product_attention(*doc, is_causal=True, enable_gqa=heads != kv_heads)
+            (out * up[row:row + 1, :, start:end]).sum().backward()
+    for name, got, want in zip("qkv", window, alone):
+        assert max_rel(got.grad, want.grad) < 1e-5, f"d{name}: {max_rel(got.grad, want.grad):.2e}"
+
+
 class PackedDocuments(MockDataset):
     """Mock sequences with an EOS (id 0) at 20% of the tokens: several documents per window."""
     eos_token_id = EOS
@@ -92,9 +136,25 @@ class PackedDocuments(MockDataset):
 
 
 class DocumentsTrainer(RecordingTrainer):
+    """Also records, for every forward, the full sequences of the micro-batch (before the SEP split)
+    and the position ids the model receives: `self.positions`, [(inputs [b, T], position ids)]."""
+
     def _init_dataset(self):
         n, t, v, s = 256, self.config.training.seq_len, self.config.model.vocab_size, self.config.training.seed
         return PackedDocuments(n, t, v, s, "train"), PackedDocuments(32, t, v, s, "val")
+
+    def _init_model(self):
+        self.positions = []
+        model = super()._init_model()
+        model.register_forward_pre_hook(self._record_positions, with_kwargs=True)
+        return model
+
+    def _split_batch(self, batch):
+        self._full_inputs = batch[:, :-1].cpu()
+        return super()._split_batch(batch)
+
+    def _record_positions(self, module, args, kwargs):
+        self.positions.append((self._full_inputs, kwargs["position_ids"].cpu()))
 
 
 TRAIN = ["--no-use_mock_data", "--max_steps", "6", "--no-do_save", "--val_every_steps", "3",
@@ -105,10 +165,11 @@ MASKED = {"mask": (["--document_mask"], ["--activation_checkpointing", "full"]),
 
 
 def _train(log_dir, *flags):
+    """-> (history, val_history, [(full inputs, position ids the model got)] of every forward)."""
     trainer = DocumentsTrainer(tiny_config(log_dir, *TRAIN, *flags))
     trainer.history, trainer.val_history = [], []
     trainer.train()
-    return np.array(trainer.history), np.array(trainer.val_history)
+    return np.array(trainer.history), np.array(trainer.val_history), trainer.positions
 
 
 def _world2_job(log_dir: str) -> dict:
@@ -131,14 +192,54 @@ def test_window_equals_documents_alone_at_sep4():
     _assert_ulysses(run_distributed(sep_checks, 4, 4, SEP_CASES[4]), 4)
 
 
-def test_training_with_the_mask_matches_across_sep(world2, tmp_path):
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory):
+    """The sep-1 runs: without the mask ("plain") and every MASKED one."""
+    base = tmp_path_factory.mktemp("sep1")
+    return {name: _train(base / name, *flags) for name, (flags, _) in {"plain": ([], []), **MASKED}.items()}
+
+
+def test_training_with_the_mask_matches_across_sep(world2, world1):
     sep2 = world2[0]["train"]
-    plain, _ = _train(tmp_path / "plain")
-    for name, (flags, _) in MASKED.items():
-        (ref, ref_val), (got, got_val) = _train(tmp_path / name, *flags), sep2[name]
+    plain = world1["plain"][0]
+    for name in MASKED:
+        (ref, ref_val, _), (got, got_val, _) = world1[name], sep2[name]
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(got_val, ref_val, rtol=1e-5, err_msg=name)
         assert np.abs(ref[1:, 0] - plain[1:, 0]).max() > 1e-3, f"{name}: the mask changed nothing"
+
+
+def expected_positions(inputs: torch.Tensor, reset: bool) -> torch.Tensor:
+    """[b, T] full sequences -> [b, T] the position of every token: its index in the window, or
+    with `reset` its index in its document (0 at the window start and after each EOS)."""
+    out = torch.empty_like(inputs)
+    for row in range(inputs.shape[0]):
+        p = 0
+        for t in range(inputs.shape[1]):
+            out[row, t] = p if reset else t
+            p = 0 if inputs[row, t] == EOS else p + 1
+    return out
+
+
+def test_trainer_gives_the_model_document_positions(world1, world2):
+    """The position ids the model receives in every forward of the Trainer's runs (training and
+    validation) with --document_mask, observed at the model's input (RoPE depends only on
+    relative positions, so losses cannot tell): each rank's chunk of the positions within each
+    document under --reset_position_ids, of the window positions without; at sep 1 and sep 2.
+    Exact (integers)."""
+    runs = [(world1, 0, 1)] + [(out["train"], rank, 2) for rank, out in enumerate(world2)]
+    for name, (flags, _) in MASKED.items():
+        reset = "--reset_position_ids" in flags
+        restarted = False
+        for by_name, rank, sep in runs:
+            records = by_name[name][2]
+            assert len(records) > 6, name   # every micro-batch of 6 steps, and validation
+            for inputs, positions in records:
+                chunk = slice(rank * T // sep, (rank + 1) * T // sep)
+                want = expected_positions(inputs, reset)[:, chunk]
+                assert torch.equal(positions.expand_as(want), want), (name, sep, rank, positions, want)
+                restarted |= not torch.equal(want, expected_positions(inputs, False)[:, chunk])
+        assert restarted == reset, name   # some chunk starts a document after its first token
 
 
 def test_off_by_default_and_bitwise_unchanged(tmp_path):
