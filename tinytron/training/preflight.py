@@ -1,0 +1,45 @@
+"""Checks made once the Trainer knows its data and length, before any step: what would otherwise
+train silently on the wrong thing."""
+
+from tinytron.training.checkpoint import find_latest, step_of
+from tinytron.training.config import Config, ConfigError, validate_config
+
+
+def complete_run_error(run_dir: str, step: int, total_steps: int) -> ConfigError:
+    """What auto-resume of a finished run says (--max_steps is part of the run's identity, so a
+    longer run is another folder that starts from this one's checkpoint)."""
+    return ConfigError(f"{run_dir} is complete at step {step} of {total_steps}: to train it further, add "
+                       f"--resume_path {run_dir} and a larger --max_steps; for a new run, another --exp_name "
+                       "or --log_dir")
+
+
+def check_flags(cfg: Config, world_size: int) -> None:
+    """What can be checked from the flags alone, in one process, before a job starts (the
+    launcher's preflight): every flag's constraint, and a run folder already complete at
+    --max_steps (it would resume, train nothing and exit). ConfigError."""
+    validate_config(cfg, world_size)
+    latest = None if cfg.checkpoint.resume_path else find_latest(cfg.run_dir)
+    if latest and cfg.training.max_steps and step_of(latest) >= cfg.training.max_steps:
+        raise complete_run_error(cfg.run_dir, step_of(latest), cfg.training.max_steps)
+
+
+def check_items(train_dataset, val_dataset, seq_len: int) -> None:
+    """Each item must hold seq_len + 1 tokens (the inputs and their next-token targets): else a
+    one-line ConfigError naming the set and the class `_init_dataset` returned."""
+    for name, data in (("training", train_dataset), ("validation", val_dataset)):
+        if len(data) and len(data[0]) != seq_len + 1:
+            raise ConfigError(f"item 0 of the {name} set ({type(data).__name__}) has {len(data[0])} tokens; "
+                              f"each item must hold --seq_len + 1 = {seq_len + 1} (inputs and next-token targets)")
+
+
+def short_run_warnings(cfg: Config, total_steps: int) -> list[str]:
+    """A line for each schedule or cadence the run is too short for (e.g. a run of max_epochs
+    whose steps all fall inside the warmup)."""
+    t, o, out = cfg.training, cfg.optim, []
+    if o.warmup_steps >= total_steps:
+        out.append(f"--warmup_steps {o.warmup_steps} >= the run's {total_steps} steps: the learning rate "
+                   "never leaves warmup")
+    if t.do_val and t.val_every_steps > total_steps:
+        out.append(f"--val_every_steps {t.val_every_steps} > the run's {total_steps} steps: validation runs "
+                   "once, at the end")
+    return out
