@@ -127,6 +127,24 @@ def test_torch_older_than_the_floor_is_one_line(tmp_path):
         "(pip install 'torch>=2.11')"
 
 
+def test_console_says_where_things_are(tmp_path):
+    """The start block, validation losses and each save on lines of their own (pretrain_debug.py)."""
+    r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--tensorboard")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    lines = r.stdout.splitlines()
+    for line in (f"[tinytron] run folder: {run_dir} (new)",
+                 "[tinytron] layout: world 1 = dp 1 x sep 1, ZeRO-1, cpu, fp32",
+                 "[tinytron] model: 2 layers x 32, 0.02M parameters on this rank",
+                 "[tinytron] steps: 8 of 128 tokens (8 x 16; micro-batch 2, grad accumulation 4)",
+                 "[tinytron] data: MockDataset, 256 training / 25 validation sequences",
+                 f"[tinytron] TensorBoard: tensorboard --logdir {run_dir}/tb"):
+        assert line in lines, (line, lines[:12])
+    assert [line.split("|")[0].split()[1] for line in lines if "| val loss" in line] == ["3", "7"]
+    saved = [line for line in lines if line.startswith("[tinytron] saved ")]
+    assert [s.split()[2] for s in saved] == [f"{run_dir}/checkpoints/step_0000000{n}" for n in (4, 8)], saved
+
+
 def test_flag_typos_are_refused_with_the_nearest_flag(tmp_path):
     """No prefix matching: `--max_step` is not taken for --max_steps."""
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--max_step", "5")

@@ -43,3 +43,28 @@ def short_run_warnings(cfg: Config, total_steps: int) -> list[str]:
         out.append(f"--val_every_steps {t.val_every_steps} > the run's {total_steps} steps: validation runs "
                    "once, at the end")
     return out
+
+
+def run_summary(trainer) -> list[str]:
+    """The console's start block (global rank 0): where the run writes, its layout, model, step and
+    data, so nothing needs finding with `ls`. `trainer`: a Trainer after setup."""
+    cfg, t = trainer.config, trainer.config.training
+    sep = cfg.parallel.sep_size
+    engine = "FSDP2" if trainer.fsdp else "ZeRO-1" if cfg.optim.use_distributed_optimizer else "all-reduce, no ZeRO"
+    params = sum(p.numel() for p in trainer.model.parameters())   # this rank's, before any sharding of FSDP
+    lg = cfg.logging
+    lines = [f"run folder: {trainer.run_dir} ({f'resumed at step {trainer.step}' if trainer.step else 'new'})",
+             f"layout: world {trainer.world_size} = dp {trainer.world_size // sep} x sep {sep}, {engine}, "
+             f"{trainer.device.type}, {t.precision}{', compiled' if t.use_compile else ''}",
+             f"model: {cfg.model.num_layer} layers x {cfg.model.hidden_size}, {params / 1e6:.2f}M parameters on "
+             "this rank",
+             f"steps: {trainer.total_steps} of {t.total_batch_size:,} tokens ({trainer.global_batch_seqs} x "
+             f"{t.seq_len}; micro-batch {t.batch_size}, grad accumulation {trainer.grad_accum_steps})",
+             f"data: {type(trainer.train_dataset).__name__}, {len(trainer.train_dataset):,} training / "
+             f"{len(trainer.val_dataset):,} validation sequences"]
+    if lg.tensorboard:
+        lines.append(f"TensorBoard: tensorboard --logdir {trainer.run_dir}/tb")
+    if t.use_profiler:
+        lines.append(f"profiler: steps {t.steps_to_profile[0]}-{t.steps_to_profile[1]} to "
+                     f"{trainer.run_dir}/rank0_trace.json")
+    return lines

@@ -48,7 +48,7 @@ from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.muon import muon_optimizer
-from tinytron.training.preflight import check_items, complete_run_error, short_run_warnings
+from tinytron.training.preflight import check_items, complete_run_error, run_summary, short_run_warnings
 from tinytron.training.resume import resume
 from tinytron.training.schedule import lr_at
 from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
@@ -93,8 +93,9 @@ class Trainer:
             point.step, point.skipped_steps, point.branch, point.data_offset)
         self.log = RunLogger(self.run_dir, config, is_main=self.is_main, resume_step=point.rewind_to,
                              wandb_id=point.wandb_id)
-        for warning in short_run_warnings(config, self.total_steps) if self.is_main else ():
-            print(f"[tinytron] warning: {warning}", flush=True)
+        if self.is_main:
+            for line in run_summary(self) + [f"warning: {w}" for w in short_run_warnings(config, self.total_steps)]:
+                print(f"[tinytron] {line}", flush=True)
 
     # ------------------------------------------------------------------ setup
     def _init_runtime(self) -> None:
@@ -209,9 +210,11 @@ class Trainer:
                                   "step_in_epoch": data_step % self.steps_per_epoch},
                 "world_size": self.world_size, "sep_size": ps.get_sep_size(), "wandb_id": self.log.wandb_id,
                 "config": self.config.to_dict()}
-        ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
-                             self.config.checkpoint.keep_last_n_checkpoints)
+        start = time.monotonic()
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
+                                    self.config.checkpoint.keep_last_n_checkpoints)
         self._last_save_time = time.monotonic()
+        self.log.console(f"[tinytron] saved {path} ({self._last_save_time - start:.1f} s)")
 
     # ------------------------------------------------------------------ steps
     def _split_batch(self, batch: torch.Tensor):
