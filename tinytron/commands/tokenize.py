@@ -6,13 +6,13 @@
 Prints the cache folder; a second run with the same arguments finds it and returns at once.
 """
 
-import argparse
 
 from tinytron.data.tokenize import DEFAULT_NUM_PROC, DEFAULT_VAL_FRACTION, prepare_token_shards
+from tinytron.training.arguments import FlagParser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pre-tokenize a corpus into a Tinytron token cache")
+    parser = FlagParser(description="Pre-tokenize a corpus into a Tinytron token cache")
     parser.add_argument("--dataset", required=True, help="hub name or local file/folder")
     parser.add_argument("--tokenizer", required=True, help="hub name or local folder")
     parser.add_argument("--cache_dir", required=True, help="where the cache folder goes")
