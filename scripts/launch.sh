@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Sourced by the pretrain.sh scripts: `launch ENTRY_SCRIPT FLAGS...` runs torchrun with the
 # cluster layout taken from the environment:
-#   NUM_NODES (1); MASTER_ADDR (127.0.0.1) and MASTER_PORT (29500): the rendezvous endpoint, on
-#     one of the nodes, the same on every node (NODE_RANK is not needed: nodes are ranked as they join),
+#   NUM_NODES (1); MASTER_ADDR (127.0.0.1) and MASTER_PORT (a free port on one node, else 29500): the
+#     rendezvous endpoint, on one of the nodes, the same on every node (NODE_RANK is not needed: nodes
+#     are ranked as they join),
 #   NPROC_PER_NODE (GPUs on this node, or 1 without GPUs), SEP_SIZE (1: no sequence/expert parallelism),
 #   MAX_RESTARTS (3): when a worker dies, torchrun stops the others and restarts them all, up to
 #     this many times; each restart resumes from the run's newest complete checkpoint,
@@ -32,7 +33,13 @@ echo "[launch] python: $PYTHON" >&2
 
 NUM_NODES=${NUM_NODES:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+if [ -z "${MASTER_PORT:-}" ]; then
+  if [ "$NUM_NODES" = 1 ]; then  # a free port: two jobs on one machine never share a rendezvous
+    MASTER_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  else
+    MASTER_PORT=29500
+  fi
+fi
 if [ -z "${NPROC_PER_NODE:-}${PET_NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
 fi
@@ -74,6 +81,12 @@ launch() {
   local entry=$1; shift
   TINYTRON_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/tinytron-stop.XXXXXX")
   export TINYTRON_STOP_FILE
+  # Bad flags (and a finished run found again) fail here, in one process and one line, exit 2,
+  # before torchrun starts (whose own report of a failed worker is a page of traceback). Skipped
+  # when the platform sets torchrun's layout (the world size is then torchrun's to know).
+  if [ -z "${PET_NNODES:-}${PET_NPROC_PER_NODE:-}" ] && [[ "$NUM_NODES" =~ ^[0-9]+$ ]]; then
+    TINYTRON_PREFLIGHT=$((NUM_NODES * NPROC_PER_NODE)) "$PYTHON" "$entry" --sep_size "$SEP_SIZE" "$@" || exit
+  fi
   (trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &
   torchrun_pid=$!
   trap 'forward_signal TERM' TERM

@@ -218,11 +218,14 @@ def test_full_tiny_shakespeare(tmp_path, reference):
 
 def test_tokenize_command(tmp_path, docs, capsys):
     """tinytron-tokenize prints the folder prepare_token_shards returns with the same defaults
-    (--val_fraction included: the library call is a cache hit); a bad path is one line, exit 2."""
+    (--val_fraction included: the library call is a cache hit) and its token count; a bad path is
+    one line, exit 2."""
     corpus = str(_write_jsonl(tmp_path / "c.jsonl", docs[:1]))
     tokenize_main(["--dataset", corpus, "--tokenizer", str(TOKENIZER), "--cache_dir", str(tmp_path / "cache"),
                    "--num_proc", "1"])
-    assert capsys.readouterr().out.strip() == str(prepare_token_shards(corpus, str(TOKENIZER), tmp_path / "cache"))
+    path = prepare_token_shards(corpus, str(TOKENIZER), tmp_path / "cache")
+    count = json.loads((path / INDEX_FILE).read_text())["num_tokens"]
+    assert capsys.readouterr().out.strip() == f"{path}: {count:,} tokens"
     assert len(list((tmp_path / "cache").iterdir())) == 1
     with pytest.raises(SystemExit) as exit_:
         tokenize_main(["--dataset", str(tmp_path / "nowhere.jsonl"), "--tokenizer", str(TOKENIZER),

@@ -146,6 +146,8 @@ def test_bad_flags(flags, message, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "nowhere", "--tasks", str(TASK)], "error: --checkpoint nowhere does not exist"),
     (["--checkpoint", ".", "--tasks", "nowhere.jsonl"], r"error: nowhere.jsonl: cannot read \(FileNotFoundError\)"),
+    (["--checkpoint", ".", "--tasks", ""], "error: '' names no task file"),
+    (["--checkpoint", ".", "--tasks", " , "], "error: ' , ' names no task file"),
 ])
 def test_tinytron_eval_errors(args, message):
     with pytest.raises(SystemExit, match=message):
@@ -163,6 +165,21 @@ def test_bad_task_files(line, message, tmp_path):
     path.write_text('{"ctx": "HellaSwag names it ctx", "endings": ["b", "c"], "label": "1"}\n' + line + "\n")
     with pytest.raises(ValueError, match=f"{path} line 2: {message}"):
         read_task(str(path))
+
+
+def test_task_file_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"context": "caf\u00e9", "endings": ["b", "c"], "label": 0}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{path}: not UTF-8 text \(byte 16\)$"):
+        read_task(str(path))
+
+
+def test_contexts_longer_than_the_block_warn(tmp_path):
+    """Cut from the left as lm-eval does (block_size 32 here), and said, as lm-eval says it."""
+    with pytest.warns(UserWarning, match=r"scored sequences are longer than block_size \+ 1 = 33 tokens: their "
+                      "contexts are cut from the left"):
+        Trainer(tiny_config(tmp_path, "--eval_tasks", str(TASK), "--tokenizer", str(TOKENIZER), "--vocab_size", "4096",
+                            "--block_size", "32"))
 
 
 def test_tokenizer_larger_than_the_vocabulary(tmp_path):

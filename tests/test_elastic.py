@@ -139,9 +139,12 @@ def test_time_based_saves_happen_at_the_same_step_on_every_rank(tmp_path):
 
 def test_launch_sh_flags(tmp_path):
     """The torchrun command line scripts/launch.sh builds (a fake TINYTRON_PYTHON echoes what follows
-    its `-m torch.distributed.run`, after the TORCH_DISABLE_SHARE_RDZV_TCP_STORE it exports)."""
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nshift 2\necho "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "$@"\n')
+    its `-m torch.distributed.run`, after the TORCH_DISABLE_SHARE_RDZV_TCP_STORE it exports), and the
+    preflight it runs first (the entry script with TINYTRON_PREFLIGHT = the world size)."""
+    fake, preflights = tmp_path / "python", tmp_path / "preflights"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec "{sys.executable}" "$@"; fi\n'
+                    f'if [ -n "$TINYTRON_PREFLIGHT" ]; then echo "$TINYTRON_PREFLIGHT $*" >> {preflights}; exit 0; fi\n'
+                    'shift 2\necho "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "$@"\n')
     fake.chmod(0o755)
     ours = ("NUM_NODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "MAX_RESTARTS", "RUN_ID",
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
@@ -153,13 +156,16 @@ def test_launch_sh_flags(tmp_path):
         return r.stdout.split()
 
     entry = ["x.py", "--sep_size", "1", "--a", "1"]
-    assert flags(NPROC_PER_NODE="2") == [
+    one_node = flags(NPROC_PER_NODE="2")   # no MASTER_PORT: a free one, not the shared default
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", one_node[10]) and one_node[10] != "127.0.0.1:29500"
+    assert one_node[:10] + one_node[11:] == [
         "1", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "3",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29500", "--rdzv-id", "tinytron", *entry]
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "--rdzv-id", "tinytron", *entry]
     assert flags(NPROC_PER_NODE="8", NUM_NODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="6000",
                  RUN_ID="job7", MAX_RESTARTS="1") == [
         "1", "--nnodes", "2", "--nproc-per-node", "8", "--max-restarts", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:6000", "--rdzv-id", "job7", *entry]
+    assert preflights.read_text().splitlines() == [" ".join(["2", *entry]), " ".join(["16", *entry])]
     # Kubeflow with an elastic policy sets torchrun's variables: no flag overrides them.
     assert flags(NUM_NODES="2", PET_NNODES="2:4", PET_NPROC_PER_NODE="8", PET_MAX_RESTARTS="5",
                  PET_RDZV_BACKEND="c10d", PET_RDZV_ENDPOINT="svc:29400", PET_RDZV_ID="job") == ["1", *entry]
@@ -167,3 +173,4 @@ def test_launch_sh_flags(tmp_path):
     assert flags(PET_NNODES="2", PET_NODE_RANK="1", PET_MASTER_ADDR="master-0", PET_MASTER_PORT="23456",
                  NPROC_PER_NODE="8", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0") == [
         "0", "--nproc-per-node", "8", "--max-restarts", "3", *entry]
+    assert len(preflights.read_text().splitlines()) == 2   # none where the platform sets the layout

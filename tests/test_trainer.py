@@ -15,6 +15,7 @@ from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import find_latest, list_complete
+from tinytron.training.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,6 +127,49 @@ def test_torch_older_than_the_floor_is_one_line(tmp_path):
         "(pip install 'torch>=2.11')"
 
 
+def test_console_says_where_things_are(tmp_path):
+    """The start block, validation losses and each save on lines of their own (pretrain_debug.py)."""
+    r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--tensorboard")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    lines = r.stdout.splitlines()
+    for line in (f"[tinytron] run folder: {run_dir} (new)",
+                 "[tinytron] layout: world 1 = dp 1 x sep 1, ZeRO-1, cpu, fp32",
+                 "[tinytron] model: 2 layers x 32, 0.02M parameters on this rank",
+                 "[tinytron] steps: 8 of 128 tokens (8 x 16; micro-batch 2, grad accumulation 4)",
+                 "[tinytron] data: MockDataset, 256 training / 25 validation sequences",
+                 f"[tinytron] TensorBoard: tensorboard --logdir {run_dir}/tb"):
+        assert line in lines, (line, lines[:12])
+    assert [line.split("|")[0].split()[1] for line in lines if "| val loss" in line] == ["3", "7"]
+    saved = [line for line in lines if line.startswith("[tinytron] saved ")]
+    assert [s.split()[2] for s in saved] == [f"{run_dir}/checkpoints/step_0000000{n}" for n in (4, 8)], saved
+
+
+def test_flag_typos_are_refused_with_the_nearest_flag(tmp_path):
+    """No prefix matching: `--max_step` is not taken for --max_steps."""
+    r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--max_step", "5")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
+
+
+def test_items_of_the_wrong_length_are_one_line(tmp_path):
+    class Short(Trainer):
+        def _init_dataset(self):
+            train, val = super()._init_dataset()
+            return [train[i][:-1] for i in range(len(train))], val
+    with pytest.raises(ConfigError, match=r"^item 0 of the training set \(list\) has 16 tokens; each item must "
+                       r"hold --seq_len \+ 1 = 17 \(inputs and next-token targets\)$"):
+        Short(tiny_config(tmp_path))
+
+
+def test_a_run_shorter_than_its_warmup_warns(tmp_path, capsys):
+    """One epoch of 16 mock sequences at 8 per step (128 tokens of 16) is 2 steps."""
+    Trainer(tiny_config(tmp_path, "--max_steps", "0", "--max_epochs", "1", "--mock_data_num_samples", "16",
+                        "--warmup_steps", "5"))
+    assert "[tinytron] warning: --warmup_steps 5 >= the run's 2 steps: the learning rate never leaves warmup" \
+        in capsys.readouterr().out
+
+
 def test_unknown_precision_is_rejected(tmp_path):
     r = _cli(*TINY_FLAGS, "--precision", "fp8")
     assert r.returncode == 2 and "--precision: invalid choice: 'fp8'" in r.stderr
@@ -149,15 +193,30 @@ def test_bad_flag_fails_on_every_rank(tmp_path):
 
 
 def test_debug_cpu_script_runs(tmp_path):
-    """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data."""
+    """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data. The same
+    command again finds the finished run: one line naming it, exit 2, no traceback (the launcher's
+    preflight, before torchrun); resumed by a longer run (no MASTER_PORT: a free port) it goes on."""
     logs = tmp_path / "logs"
-    r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--max_steps", "12", "--log_dir", str(logs)],
-                       cwd=REPO, capture_output=True, text=True, timeout=180,
-                       env={**launch_env(), "MASTER_PORT": str(free_port())})
+
+    def script(*flags, **env):
+        return subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--log_dir", str(logs), *flags],
+                              cwd=REPO, capture_output=True, text=True, timeout=180, env={**launch_env(), **env})
+    r = script("--max_steps", "12", MASTER_PORT=str(free_port()))
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "[tinytron] warning: --val_every_steps 20 > the run's 12 steps: validation runs once, at the end" in r.stdout
     (run_dir,) = [os.path.join(logs, d) for d in os.listdir(logs)]
     losses = read_log(run_dir)
     assert len(losses) == 12 and losses[11] < losses[0]
+    again = script("--max_steps", "12", MASTER_PORT=str(free_port()))
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [f"[launch] python: {sys.executable}",
+                                         f"error: {run_dir} is complete at step 12 of 12: to train it further, "
+                                         f"add --resume_path {run_dir} and a larger --max_steps; for a new run, "
+                                         "another --exp_name or --log_dir"]
+    more = script("--max_steps", "14", "--resume_path", run_dir)   # --max_steps is in the run's hash
+    assert more.returncode == 0, more.stderr[-2000:]
+    (longer,) = [os.path.join(logs, d) for d in os.listdir(logs) if os.path.join(logs, d) != run_dir]
+    assert sorted(read_log(longer)) == [12, 13]
 
 
 def test_trainer_matches_a_plain_pytorch_loop(tmp_path):

@@ -14,7 +14,6 @@ one saved in the Hugging Face folder). Prints one line per task; --out writes th
 every ending's log-likelihood as JSON.
 """
 
-import argparse
 import json
 import sys
 
@@ -25,6 +24,7 @@ from tinytron.data.multiple_choice import read_tasks
 from tinytron.distributed.runtime import RuntimeSetupError, init_runtime
 from tinytron.interop.hf import is_hf_dir, load_hf, load_tokenizer
 from tinytron.model import GPT
+from tinytron.training.arguments import FlagParser
 from tinytron.training.downstream import DownstreamEval
 from tinytron.training.weights import read_checkpoint, run_tokenizer
 
@@ -40,7 +40,7 @@ def load_model(path: str, tokenizer: str | None) -> tuple[GPT, str | None, dict]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="Tinytron step/run folder or model.pt, or a HF folder")
     parser.add_argument("--tasks", required=True, help="comma-separated task files (.jsonl: context, endings, label)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name (default: the run's)")

@@ -10,19 +10,19 @@ with AutoModelForCausalLM / AutoTokenizer.from_pretrained. Without --tokenizer, 
 --tokenizer (from meta.pt) is saved when it has one.
 """
 
-import argparse
 import sys
 
 import torch
 
 from tinytron.interop.hf import export_hf
+from tinytron.training.arguments import FlagParser
 from tinytron.training.weights import read_checkpoint, run_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="step folder, run folder or model.pt")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weight dtype (default: fp32)")

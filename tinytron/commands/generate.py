@@ -10,7 +10,6 @@ and its `generate` does the decoding, with a KV cache. --temperature 0 decodes g
 prompt followed by the continuation.
 """
 
-import argparse
 import sys
 
 import torch
@@ -20,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from tinytron.distributed.runtime import pick_device
 from tinytron.interop.hf import is_hf_dir, load_tokenizer, to_hf_model
 from tinytron.model import GPT
+from tinytron.training.arguments import FlagParser
 from tinytron.training.weights import read_checkpoint, run_tokenizer
 
 
@@ -73,15 +73,15 @@ def generate_text(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="Tinytron step/run folder or model.pt, or a HF folder")
-    parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name")
-    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--prompt", default="", help="text to continue (default: none, sample from the start)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name (default: the run's)")
+    parser.add_argument("--max_new_tokens", type=int, default=100, help="tokens to sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top_k", type=int, default=50)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=0.95, help="nucleus: the likeliest tokens of this mass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()

@@ -7,12 +7,12 @@ One figure, four panels: train and validation loss, learning rate, grad norm, to
 overlaid and labelled by their run folder name. Non-finite or unmeasured values (null) are gaps.
 """
 
-import argparse
 import os
 import sys
 
 from matplotlib.figure import Figure
 
+from tinytron.training.arguments import FlagParser
 from tinytron.training.metrics import METRICS_FILE, read_records
 
 FIGSIZE, DPI = (12, 8), 100  # the PNG is FIGSIZE * DPI pixels
@@ -59,7 +59,7 @@ def plot_runs(run_dirs: list[str], out: str, x: str = "step") -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
     parser.add_argument("--out", default="curves.png", help="image to write (default: curves.png)")
     parser.add_argument("--x", default="step", choices=("step", "tokens"), help="x-axis (default: step)")

@@ -3,16 +3,18 @@
     tinytron-tokenize --dataset web.jsonl --tokenizer gpt2 --cache_dir data_cache [--val_fraction 0.005]
     python -m tinytron.commands.tokenize ...   (the same)
 
-Prints the cache folder; a second run with the same arguments finds it and returns at once.
+Prints the cache folder and its token count; a second run with the same arguments finds it and
+returns at once.
 """
 
-import argparse
+import json
 
-from tinytron.data.tokenize import DEFAULT_NUM_PROC, DEFAULT_VAL_FRACTION, prepare_token_shards
+from tinytron.data.tokenize import DEFAULT_NUM_PROC, DEFAULT_VAL_FRACTION, INDEX_FILE, prepare_token_shards
+from tinytron.training.arguments import FlagParser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pre-tokenize a corpus into a Tinytron token cache")
+    parser = FlagParser(description="Pre-tokenize a corpus into a Tinytron token cache")
     parser.add_argument("--dataset", required=True, help="hub name or local file/folder")
     parser.add_argument("--tokenizer", required=True, help="hub name or local folder")
     parser.add_argument("--cache_dir", required=True, help="where the cache folder goes")
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
                                     val_fraction=args.val_fraction)
     except ValueError as e:  # bad paths and values: one line, like the training entry points
         parser.exit(2, f"error: {e}\n")
-    print(path)
+    tokens = json.loads((path / INDEX_FILE).read_text())["num_tokens"]
+    print(f"{path}: {tokens:,} tokens")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def read_task(path: str) -> list[Item]:
             items = [_parse(line, f"{path} line {n}") for n, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not items:
         raise ValueError(f"{path}: no items")
     return items
@@ -72,6 +74,8 @@ def read_tasks(paths: str) -> dict[str, list[Item]]:
         if name in tasks:
             raise ValueError(f"{path}: a second task named {name} (task names are file names)")
         tasks[name] = read_task(path)
+    if not tasks:
+        raise ValueError(f"{paths!r} names no task file")
     return tasks
 
 

@@ -41,7 +41,8 @@ def pick_device(device: str = "auto") -> torch.device:
     if dev.type != "cuda":
         return dev
     if not torch.cuda.is_available():
-        raise RuntimeSetupError(f"--device {device} but no CUDA device is available")
+        raise RuntimeSetupError(f"--device {device} but no CUDA device is available "
+                                 "(--device auto picks CUDA when there is one, else the CPU)")
     if dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(dev)

@@ -2,6 +2,8 @@
 
 import argparse
 import dataclasses
+import difflib
+import re
 import typing
 
 from tinytron.model.config import ModelConfig
@@ -25,7 +27,7 @@ _MODEL_HELP = {
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, typ) -> None:
     meta, flag = dict(f.metadata), f"--{f.name}"
     meta.pop("bound", None)  # checked by validate_config
-    help_text = meta.pop("help", _MODEL_HELP.get(f.name, "")) + " (default: %(default)s)"
+    help_text = meta.pop("help", _MODEL_HELP.get(f.name, ""))
     default = None if f.name == "block_size" else f.default  # None: set from --seq_len by config_from_args
     if typ is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
@@ -35,8 +37,36 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, typ) -> No
         parser.add_argument(flag, type=typ, default=default, help=help_text, **meta)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Each flag's default at the end of its help, once (not where the help states it already)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with no prefix matching (`--max_step` is not `--max_steps`: a typo must not pass
+    silently), each default in --help, and errors in one line, like every other bad input
+    (`error: ...`, exit 2), that suggest the nearest flag for an unknown one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown.group(1).split("=")[0]
+            near = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")], 1)
+            message += f" (did you mean {near[0]}?)" if near else ""
+        self.exit(2, f"error: {message}\n")
+
+
 def build_parser(description: str = "Tinytron pre-training") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = FlagParser(description=description)
     for name, cls in SECTIONS.items():
         group = parser.add_argument_group(name)
         hints = typing.get_type_hints(cls)

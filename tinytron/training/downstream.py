@@ -21,6 +21,7 @@ the world, carrying the stop-signal flags too) and one host sync at the end give
 log-likelihood, from which the accuracies are computed on the host.
 """
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -67,16 +68,21 @@ class DownstreamEval:
         self.offsets = np.cumsum([0] + [len(item.endings) for item in items])  # item k's endings start here
         sep, dp_rank, dp_size = ps.get_sep_size(), ps.get_dp_rank(), ps.get_dp_size()
         pairs = []  # (input tokens, targets, index into the log-likelihood vector)
+        cut = 0   # requests cut from the left (as lm-eval does, and warns)
         for k in range(dp_rank, len(items), dp_size):
             for j, ending in enumerate(items[k].endings):
                 ctx, cont = encode_request(tokenizer, items[k].context, ending)
                 if len(cont) > max_len:
                     raise ValueError(f"an ending of {len(cont)} tokens is longer than the model's block_size {max_len}")
+                cut += len(ctx) + len(cont) > max_len + 1
                 seq = (ctx + cont)[-(max_len + 1):]
                 if max(seq) >= vocab_size:
                     raise ValueError(f"the tokenizer gives token id {max(seq)}, not below --vocab_size {vocab_size}")
                 targets = [IGNORE_INDEX] * (len(seq) - 1 - len(cont)) + cont
                 pairs.append((seq[:-1], targets, int(self.offsets[k]) + j))
+        if cut:
+            warnings.warn(f"{cut} of this rank's {len(pairs)} scored sequences are longer than block_size + 1 = "
+                          f"{max_len + 1} tokens: their contexts are cut from the left", stacklevel=2)
         # Longest first (lm-eval's order): each batch is padded to its first sequence's length.
         pairs.sort(key=lambda p: (-len(p[0]), p[2]))
         self.batches = []  # (inputs [rows, length], targets [rows, length], vector index [rows]) on CPU

@@ -1,6 +1,8 @@
 """The entry point of the training scripts: parse the flags, train, and fail the same way on every
 rank: one line (see distributed/abort.py), exit code 2 for bad input, 1 otherwise."""
 
+import os
+import sys
 import traceback
 
 import torch.distributed as dist
@@ -8,6 +10,7 @@ import torch.distributed as dist
 from tinytron.distributed import abort
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import ConfigError
+from tinytron.training.preflight import check_flags
 from tinytron.training.trainer import Trainer, TrainingError
 
 
@@ -17,6 +20,14 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
     from tinytron.training.arguments import build_parser, config_from_args
     parser = parser or build_parser()
     config = config_from_args(parser.parse_args(argv))
+    world = os.environ.get("TINYTRON_PREFLIGHT")
+    if world:   # scripts/launch.sh, before it starts torchrun: the flags alone, in this process
+        try:
+            check_flags(config, int(world))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     try:
         trainer_cls(config).train()
     except (ConfigError, ckpt.CheckpointError) as e:

@@ -95,16 +95,21 @@ class RunLogger:
         self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_s, refresh=False)
         self.bar.update(1)
 
+    def console(self, text: str) -> None:
+        """One line on the console (global rank 0), above the progress bar when there is one."""
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(text)
+
     def val(self, step: int, loss: float) -> None:
         self.line(f"{step} val {loss:.6f}")
+        self.console(f"step {step:6d} | val loss {loss:.6f}")
 
     def downstream(self, step: int, scores: dict) -> None:
         """log.txt and the console: one line per task of --eval_tasks (scores: DownstreamEval's)."""
         for name, s in scores.items():
             line = f"{step} eval {name} acc {s.acc:.6f} acc_norm {s.acc_norm:.6f} items {s.items}"
             self.line(line)
-            if self.is_main and self.bar is not None:
-                self.bar.write(line)
+            self.console(line)
 
     def metrics_record(self, step: int, stats: dict, tokens: int, skipped_steps: int, device: torch.device) -> None:
         """One record per step to metrics.jsonl / TensorBoard / W&B."""

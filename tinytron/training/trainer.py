@@ -48,6 +48,7 @@ from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.muon import muon_optimizer
+from tinytron.training.preflight import check_items, complete_run_error, run_summary, short_run_warnings
 from tinytron.training.resume import resume
 from tinytron.training.schedule import lr_at
 from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
@@ -80,6 +81,7 @@ class Trainer:
                               f"batch of {self.global_batch_seqs} (--total_batch_size / --seq_len)")
         t = config.training
         self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
+        check_items(self.train_dataset, self.val_dataset, t.seq_len)
         self.consecutive_skips = 0
         self._last_save_time = time.monotonic()
         # Dropout: an independent stream per rank (DP replicas and SEP chunks draw different
@@ -91,6 +93,9 @@ class Trainer:
             point.step, point.skipped_steps, point.branch, point.data_offset)
         self.log = RunLogger(self.run_dir, config, is_main=self.is_main, resume_step=point.rewind_to,
                              wandb_id=point.wandb_id)
+        if self.is_main:
+            for line in run_summary(self) + [f"warning: {w}" for w in short_run_warnings(config, self.total_steps)]:
+                print(f"[tinytron] {line}", flush=True)
 
     # ------------------------------------------------------------------ setup
     def _init_runtime(self) -> None:
@@ -205,9 +210,11 @@ class Trainer:
                                   "step_in_epoch": data_step % self.steps_per_epoch},
                 "world_size": self.world_size, "sep_size": ps.get_sep_size(), "wandb_id": self.log.wandb_id,
                 "config": self.config.to_dict()}
-        ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
-                             self.config.checkpoint.keep_last_n_checkpoints)
+        start = time.monotonic()
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
+                                    self.config.checkpoint.keep_last_n_checkpoints)
         self._last_save_time = time.monotonic()
+        self.log.console(f"[tinytron] saved {path} ({self._last_save_time - start:.1f} s)")
 
     # ------------------------------------------------------------------ steps
     def _split_batch(self, batch: torch.Tensor):
@@ -316,6 +323,8 @@ class Trainer:
     def train(self) -> None:
         cfg = self.config
         t, c = cfg.training, cfg.checkpoint
+        if self.step >= self.total_steps:   # a finished run, found again by auto-resume
+            raise complete_run_error(self.run_dir, self.step, self.total_steps)
         flops_tok, peak = flops_per_token(cfg.model, t.seq_len), peak_flops(self.device)
         profiler = StepProfiler(self.is_main and t.use_profiler, t.steps_to_profile,
                                 os.path.join(self.run_dir, "rank0_trace.json"),
