@@ -14,10 +14,10 @@ same shard rule as ZeRO-1. Activations are what autograd saves for backward, per
 (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
 tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T)
 memory: output and log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments
-per token on every rank). Peak also counts the transients of backward: the recomputed block(s) of
-activation checkpointing and the logits with their fp32 copy in the loss. Not modelled: the CUDA
-context and NCCL buffers (~1-2 GiB), allocator fragmentation, torch.compile workspaces: the fit uses
-`--usable_fraction` (0.9) of the GPU.
+per token on every rank). Peak also counts the transients: the recomputed block(s) of activation
+checkpointing in backward and one chunk of the loss's logits (no [tokens, V] logits are ever held
+whole). Not modelled: the CUDA context and NCCL buffers (~1-2 GiB), allocator fragmentation,
+torch.compile workspaces: the fit uses `--usable_fraction` (0.9) of the GPU.
 """
 
 import dataclasses
@@ -31,6 +31,7 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
 from tinytron.distributed.zero1.whole_matrices import owner_layout
 from tinytron.model import GPT
+from tinytron.model.gpt import CHUNK_TOKENS
 from tinytron.training.config import Config, validate_config
 from tinytron.training.trainer import Trainer
 
@@ -146,7 +147,8 @@ def muon_step_bytes(cfg: Config, trainer_cls=Trainer) -> int:
 def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
     """bf16 copies of the matmul weights that autocast makes in forward and autograd keeps for
     backward (the router stays fp32; experts are cast explicitly); none under fp32, and none for
-    the blocks that activation checkpointing recomputes."""
+    the blocks that activation checkpointing recomputes. The head's copy is not kept: the chunked
+    loss (model/gpt.py) computes the head's gradients in forward."""
     if cfg.training.precision != "bf16":
         return 0
     m = cfg.model
@@ -154,13 +156,13 @@ def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
     attn = C * (H + 2 * Kv) * D + H * D * C
     mlp = (m.num_experts // sep_size) * 3 * C * m.moe_intermediate_size if m.use_moe else 3 * C * m.intermediate_size
     per_layer = {"none": attn + mlp, "selective": attn, "full": 0}[mode]
-    return 2 * (m.num_layer * per_layer + m.vocab_size * C)
+    return 2 * m.num_layer * per_layer
 
 
 def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> dict:
     """Bytes of one micro-batch of `batch_size` sequences on one rank (T/sep tokens each):
     {"saved": what autograd keeps from forward to backward, "transient": the largest extra at
-    once in backward (recomputed block of checkpointing + logits and their fp32 copy)}.
+    once (recomputed block of checkpointing + one chunk of the loss)}.
 
     Per token, a = 2 (bf16 autocast) or 4 (fp32) bytes per element; the residual stream, RMSNorm
     and loss are fp32:
@@ -175,9 +177,13 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
                      + 16k (token order) + k(2aC + 4aI) (sorted tokens, expert SwiGLU and
                      output per slot) + 4kC (expert outputs in fp32 for the weighted sum)
                      [+ 4E + 4 with z-loss]
-      final          8C + 4 + aC + 4V (final norm, lm_head input, log-softmax)
-    plus the int64 token ids, 8(T + 1) per sequence, and their flattened copies for the
-    embedding and the loss, 16 T/sep, and RoPE's cos/sin, 8 T/sep D per micro-batch.
+      final          8C + 4 + 4C (final norm; the loss's gradient w.r.t. its fp32 input)
+    plus the int64 token ids, 8(T + 1) per sequence, and their flattened copy for the embedding,
+    8 T/sep; per micro-batch RoPE's cos/sin, 8 T/sep D, and the loss's fp32 gradient of the head
+    weight, 4VC. No [tokens, V] logits are saved: the loss (model/gpt.py) runs over chunks of at
+    most CHUNK_TOKENS tokens, each holding its logits (a), their fp32 log-softmax and, under bf16,
+    an fp32 copy of the logits and the bf16 gradient: (a + 4 + (4 if a = 2)) V per token of a chunk,
+    a transient of forward, counted here for a full chunk whatever the batch (a bound).
     selective keeps only the MLP input (4C) of each MLP; full keeps only each block's input (4C).
     """
     m, T = cfg.model, cfg.training.seq_len
@@ -197,11 +203,11 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
         mlp = a * C + 4 * a * m.intermediate_size
     layer = {"none": 2 * norm + attn + mlp, "selective": norm + attn + 4 * C, "full": 4 * C}[mode]
     tokens = batch_size * (T // sep_size)
-    saved = (tokens * (m.num_layer * layer + norm + a * C + 4 * V + 16)
-             + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D)
+    saved = (tokens * (m.num_layer * layer + norm + 4 * C + 8)
+             + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D + 4 * V * C)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
-    logits = V * (a + 4 if a == 2 else 4)  # bf16 logits + their fp32 copy (fp32: the logits)
-    return {"saved": saved, "transient": tokens * (recompute + logits)}
+    loss_chunk = CHUNK_TOKENS * V * (a + 4 + (4 if a == 2 else 0))
+    return {"saved": saved, "transient": tokens * recompute + loss_chunk}
 
 
 def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
@@ -242,15 +248,16 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
         lines.append(f"  {'Muon step transient':<25}{step_transient / GiB:>18.3f}  (the largest matrix's update)")
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
-              "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
+              "  sep  checkpointing     saved           transient  bf16 weight copies  largest --batch_size"]
     totals = {}
     for s in seps:
         for mode in MODES:
-            act, one = activation_bytes(cfg, t.batch_size, s, mode), activation_bytes(cfg, 1, s, mode)
+            act = activation_bytes(cfg, t.batch_size, s, mode)
+            one, two = (sum(activation_bytes(cfg, b, s, mode).values()) for b in (1, 2))
+            per_seq = two - one   # linear in the batch: the rest is per micro-batch (RoPE, loss)
             copies = weight_copy_bytes(cfg, s, "full" if fsdp else mode)   # FSDP: blocks gathered in bf16
-            rope = 8 * (t.seq_len // s) * cfg.model.head_dim  # per micro-batch, not per sequence
-            fixed = sum(states[s, engine].values()) + copies + rope + step_transient
-            totals[s, mode] = (fixed + sum(act.values()) - rope, fixed, sum(one.values()) - rope)
+            fixed = sum(states[s, engine].values()) + copies + one - per_seq + step_transient
+            totals[s, mode] = (fixed - one + per_seq + sum(act.values()), fixed, per_seq)
             lines.append(f"  {s:<4} {mode:<15} {act['saved'] / GiB:>7.3f} {act['transient'] / GiB:>19.3f} "
                          f"{copies / GiB:>19.3f} {_largest_batch(usable, *totals[s, mode][1:]):>21}")
     mode = t.activation_checkpointing

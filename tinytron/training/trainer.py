@@ -235,8 +235,9 @@ class Trainer:
         models) of one micro-batch on this rank, as tensors."""
         inputs, targets, positions, mask, count = self._split_batch(batch)
         with self._autocast():
-            out = self.model(inputs, position_ids=positions, return_aux=True, document_mask=mask)
-        lm = cross_entropy_sum(out.logits, targets) / count.clamp(min=1)
+            # The loss is computed inside the model (compiled with it), without full logits.
+            out = self.model(inputs, targets=targets, position_ids=positions, return_aux=True, document_mask=mask)
+        lm = out.loss_sum / count.clamp(min=1)
         return lm, out.aux_loss, out.expert_load
 
     def train_step(self, batches) -> dict:
