@@ -145,11 +145,12 @@ class Trainer:
         model.to(self.device)
         model.set_activation_checkpointing(cfg.training.activation_checkpointing)
         if cfg.training.use_compile:
-            # Dense blocks without sequence parallelism compile to one graph each (fullgraph
-            # asserts it); the Ulysses all-to-alls and the MoE split-size sync break graphs.
-            fullgraph = ps.get_sep_size() == 1 and not cfg.model.use_moe
-            for layer in model.layers:
-                layer.compile(fullgraph=fullgraph)
+            # The whole forward, head and loss included. One process with a dense model compiles
+            # to one graph (fullgraph asserts it); graphs break at the Ulysses all-to-alls, the MoE
+            # split-size sync, ZeRO-1's all-gather waits and FSDP's hooks. Dense shapes never
+            # change: static; MoE's per-expert token counts do: dynamic after the first change.
+            model.compile(fullgraph=self.world_size == 1 and not cfg.model.use_moe,
+                          dynamic=None if cfg.model.use_moe else False)
         if self.fsdp:   # ZeRO-3: params, grads and optimizer state sharded (distributed/fsdp)
             apply_fsdp(model, dist.group.WORLD, ps.get_dp_group(), ps.get_dp_size(), cfg.training.precision == "bf16")
         if self.is_main:
