@@ -97,8 +97,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                              chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """hidden: [B, T, C], weight: [V, C] (the head), targets: [B, T] -> scalar fp32 sum of the token
     losses over valid targets: `cross_entropy_sum(F.linear(hidden, weight), targets)` with at most
-    `chunk_tokens` tokens' logits held at once (see above). For training: the
-    gradients are computed in forward whether or not backward follows."""
+    `chunk_tokens` tokens' logits held at once (see above). For training: the gradients are
+    computed in forward whether or not backward follows."""
     return _LinearCrossEntropySum.apply(hidden.flatten(0, 1), weight, targets.flatten(), chunk_tokens)
 
 
@@ -246,7 +246,7 @@ class Block(nn.Module):
 class LMHead(nn.Linear):
     """The output head (a bias-free nn.Linear, called as a module so that the hooks of parallel
     wrappers run): x: [B, T, C] -> logits [B, T, V]; with targets [B, T], the scalar fp32 sum of
-    the token losses instead, computed by loss.linear_cross_entropy_sum without [B, T, V] logits."""
+    the token losses instead, computed by linear_cross_entropy_sum without [B, T, V] logits."""
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__(hidden_size, vocab_size, bias=False)
@@ -317,10 +317,10 @@ class GPT(nn.Module):
 
         Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
         token cross-entropy over valid targets plus the auxiliary (MoE) loss. In training mode with
-        targets the loss is computed chunk by chunk without full-vocabulary logits (loss.py), and
-        logits is None. With `return_aux`, a `GPTOutput` instead, with the loss's sum over tokens
-        (for a caller that divides by its own token count, e.g. over all sequence-parallel chunks).
-        """
+        targets the loss is computed chunk by chunk without full-vocabulary logits
+        (linear_cross_entropy_sum), and logits is None. With `return_aux`, a `GPTOutput` instead,
+        with the loss's sum over tokens (for a caller that divides by its own token count, e.g.
+        over all sequence-parallel chunks)."""
         if position_ids is None:
             position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
         cos, sin = self.rope(position_ids)
@@ -337,10 +337,9 @@ class GPT(nn.Module):
                 aux_loss = aux_loss + stats.aux_loss
                 expert_load.append(stats.expert_load)
         x = self.norm(x)
-        logits = loss_sum = None
-        if targets is not None and self.training:
-            loss_sum = self.lm_head(x, targets)
-        else:   # evaluation and generation: the exact full logits
+        if targets is not None and self.training:   # no [B, T, V] logits in training
+            logits, loss_sum = None, self.lm_head(x, targets)
+        else:   # evaluation and generation: the full logits
             logits = self.lm_head(x)
             loss_sum = None if targets is None else cross_entropy_sum(logits, targets)
         if return_aux:
