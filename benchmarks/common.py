@@ -54,22 +54,23 @@ def step_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="steps per variant not timed")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole model, head and loss included (as --use_compile)")
     p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")
     return p
 
 
 def preset_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT, ModelConfig, int, int]:
     """The `step_parser` flags' GPT (seed 0, block_size = the sequence length) in training mode on
-    `device`, every block compiled with --compile -> (model, its config, batch, seq_len)."""
+    `device`, compiled whole with --compile (fullgraph, static shapes: the presets are dense) ->
+    (model, its config, batch, seq_len)."""
     preset = PRESETS[args.preset]
     batch, seq_len = args.batch or preset.batch, args.seq_len or preset.seq_len
     config = dataclasses.replace(preset.config, block_size=seq_len)
     torch.manual_seed(0)
     model = GPT(config).to(device).train()
     if args.compile:
-        for layer in model.layers:
-            layer.compile(fullgraph=True)
+        model.compile(fullgraph=True, dynamic=False)
     return model, config, batch, seq_len
 
 
@@ -81,12 +82,14 @@ def synchronize(device: torch.device) -> None:
 class TrainStep:
     """One training step of `model`: loss = loss_fn() under autocast, backward, AdamW step,
     zero_grad (set_to_none). AdamW runs with torch's default implementation choice (foreach on
-    CUDA, the per-parameter loop on CPU), the same for every model a benchmark compares."""
+    CUDA, the per-parameter loop on CPU), or fused (`fused`, CUDA: the Trainer's), the same for
+    every model a benchmark compares."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
-                 autocast_dtype: torch.dtype | None):
+                 autocast_dtype: torch.dtype | None, fused: bool = False):
         self.loss_fn, self.device, self.autocast_dtype = loss_fn, device, autocast_dtype
-        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                     fused=fused or None)
 
     def __call__(self) -> tuple[float, torch.Tensor]:
         """Runs one step; returns (seconds, the detached loss). The device is synchronised before

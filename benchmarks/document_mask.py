@@ -80,7 +80,7 @@ def main() -> None:
     body = (f"Model: preset {args.preset}, {c.num_layer} layers, hidden {c.hidden_size}, "
             f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, vocab {c.vocab_size}; "
             f"{batch} x {seq_len} tokens per step holding {docs} documents (mean length {args.doc_len:g}); "
-            f"{args.dtype}{', blocks compiled' if args.compile else ''}; mask engine "
+            f"{args.dtype}{', compiled whole' if args.compile else ''}; mask engine "
             f"{'flex_attention block mask' if use_flex else 'SDPA boolean mask'}. Median of {args.steps} "
             f"timed steps per variant after {args.warmup} warm-up, the variants alternating. Building "
             f"the mask alone (document ids and mask, once per micro-batch): "

@@ -65,7 +65,7 @@ def mfu_table(args, device: torch.device, peak: float) -> str:
         f = flops_per_token(config, seq_len, causal)
         rows.append([label, f"{f / 1e9:.3f}", f"{tok_s:,.0f}", f"{tok_s * f / 1e12:.3g}", f"{mfu(tok_s, f, peak):.1%}"])
     return (f"Timed training step (forward, backward, AdamW, zero_grad) of the {args.preset} preset, "
-            f"{batch} x {seq_len} tokens, {args.dtype}{', blocks compiled' if args.compile else ''}; "
+            f"{batch} x {seq_len} tokens, {args.dtype}{', compiled whole' if args.compile else ''}; "
             f"median of {args.steps} steps after {args.warmup} warm-up; peak {peak / 1e12:g} TFLOP/s.\n\n"
             + markdown_table(["FLOPs convention", "GFLOP/token", "tokens/s", "achieved TFLOP/s", "MFU"], rows))
 
@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--compile", action="store_true", help="torch.compile the whole model, head and loss included")
     p.add_argument("--peak_tflops", type=float,
                    help="peak of the device in TFLOP/s (default: the listed bf16 peak of the GPU; none on CPU)")
     p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")

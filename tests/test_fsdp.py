@@ -4,12 +4,12 @@ state after them (read from the checkpoints, which also proves the two engines w
 DCP keys); checkpoints saved by one engine resumed by the other on another world size and
 --sep_size, with experts; same-layout resumes bitwise (dense dp 2, MoE sep 2).
 
-Layouts: dp 2 (dense, gradient accumulation 4, clipped on every step; also with --use_compile), sep 2
-with the experts split over it (MoE, with full activation checkpointing: each block recomputed inside
-its FSDP unit's backward), dp 2 x sep 2 (MoE: dense params sharded over all 4 ranks, experts over
-their DP pair; also under ZeRO-1, the same-layout comparison; also bf16, whose units' mixed precision
-is observed directly; also resumed from world 1), dp 2 MoE (resumed from world 4); --num_workers 2
-(the default) in the dp 2 and dp 2 x sep 2 runs.
+Layouts: dp 2 (dense, gradient accumulation 4, clipped on every step; also with --use_compile: the
+whole model compiled), sep 2 with the experts split over it (MoE, with full activation checkpointing:
+each block recomputed inside its FSDP unit's backward), dp 2 x sep 2 (MoE: dense params sharded over
+all 4 ranks, experts over their DP pair; also under ZeRO-1, the same-layout comparison; also bf16,
+whose units' mixed precision is observed directly; also resumed from world 1), dp 2 MoE (resumed
+from world 4); --num_workers 2 (the default) in the dp 2 and dp 2 x sep 2 runs.
 
 Tolerance 1e-5 relative (fp32), as in test_parallel_training: FSDP computes the same fp32 math as
 ZeRO-1 and differs only in summation order (each unit's reduce-scatter, the grad norm over
@@ -163,10 +163,10 @@ def test_fsdp_matches_single_process(runs, name):
     assert ref[0][-1, 0] < ref[0][0, 0]  # it trained
 
 
-def test_fsdp_with_compiled_blocks_matches_single_process(runs):
-    """--use_compile with --fsdp (each block compiled inside its FSDP unit): the eager reference's
-    statistics and weights within 1e-5 (inductor fuses and reorders the fp32 arithmetic; measured
-    after 10 steps: 2.2e-7 on the losses, 1.6e-6 on the weights)."""
+def test_fsdp_with_compiled_model_matches_single_process(runs):
+    """--use_compile with --fsdp (the whole model compiled, graphs broken at FSDP's unit hooks):
+    the eager reference's statistics and weights within 1e-5 (inductor fuses and reorders the fp32
+    arithmetic; measured after 10 steps: 2.0e-7 on the losses and grad norms)."""
     ref = runs["ref dense"]
     assert_same(runs["dense dp2 compiled"], ref, 1e-5, "compiled")
     assert_close_tensors(weights(runs["dense dp2 compiled"]), weights(ref), 1e-5, "compiled")

@@ -112,7 +112,7 @@ def _aux_losses(cfg: ModelConfig, idx: torch.Tensor, tmp_path) -> tuple[float, f
     export_hf(model, cfg, str(tmp_path))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
-        _, ours, expert_load = model(idx, return_aux=True)
+        _, ours, expert_load, _ = model(idx, return_aux=True)
         out = hf(idx, output_router_logits=True)
         # README: coef * k * E * sum_i fbar_i * Pbar_i, means over all layers and all tokens.
         E, k = cfg.num_experts, cfg.num_experts_per_tok

@@ -1,4 +1,4 @@
-"""The GPT model, in one file to read top to bottom: the loss, RMSNorm, RoPE, grouped-query
+"""The GPT model, in one file to read top to bottom: the losses, RMSNorm, RoPE, grouped-query
 attention, the SwiGLU MLP, `Block` (one pre-norm layer) and `GPT` (the stack, with an optionally
 tied head). The Mixture-of-Experts layer is in moe.py.
 
@@ -37,6 +37,69 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """Mean token loss over valid targets (0 when there are none)."""
     num_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return cross_entropy_sum(logits, targets) / num_valid
+
+
+# Training's loss without full-vocabulary logits: the output head and the cross-entropy together,
+# a chunk of tokens at a time. A plain head + `F.cross_entropy` over B x T tokens holds [B*T, V]
+# logits, their fp32 copy, the fp32 log-softmax autograd saves and, in backward, the gradient of
+# each: several GiB at V = 50k. `linear_cross_entropy_sum` holds one chunk's logits at a time: in
+# forward it computes each chunk's logits, its loss and at once the loss's gradient with respect to
+# the chunk's hidden states and to the head weight (softmax - one-hot, times the weight or the
+# hidden states), and keeps only those two gradients for backward ([N, C] and [V, C], the sizes of
+# its inputs). Same FLOPs as the plain head (one forward and two gradient matmuls), no recompute.
+# Tokens per chunk: the fp32 logits of one chunk are 1024 x V x 4 bytes (197 MiB at V = 50304),
+# and each chunk's matmuls are still large enough to run at full rate on a GPU.
+CHUNK_TOKENS = 1024
+
+
+def _chunk_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
+    """h: [n, C], weight: [V, C], t: [n] -> (the chunk's loss sum, its gradient w.r.t. h [n, C], and
+    w.r.t. weight [V, C]). A function of its own so that the chunk's logits are freed on return,
+    before the next chunk's are made."""
+    logits = F.linear(h, weight)   # [n, V], autocast's dtype
+    log_probs = torch.log_softmax(logits.float(), dim=-1)   # F.cross_entropy's own kernel
+    valid = (t != IGNORE_INDEX)[:, None]
+    target = t.clamp(min=0)[:, None]   # any index for ignored rows: they are zeroed below
+    loss = -(log_probs.gather(1, target) * valid).sum()
+    # d loss / d logits = softmax - one-hot on valid rows, 0 on ignored ones; in place.
+    ones = torch.ones_like(target, dtype=log_probs.dtype)
+    grad = log_probs.exp_().scatter_add_(1, target, -ones).mul_(valid).to(logits.dtype)
+    return loss, grad @ weight, grad.t() @ h
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """hidden: [N, C], weight: [V, C], targets: [N] -> scalar fp32 sum of the token losses of
+    hidden @ weight.T over valid targets. Under autocast the matmuls run in its dtype (as the plain
+    head's would) and the softmax in fp32; the head's gradient is summed over chunks in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            chunk_loss, grad_hidden[rows], chunk_grad_weight = _chunk_loss_and_grads(hidden[rows], weight,
+                                                                                    targets[rows])
+            loss += chunk_loss
+            grad_weight += chunk_grad_weight
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """hidden: [B, T, C], weight: [V, C] (the head), targets: [B, T] -> scalar fp32 sum of the token
+    losses over valid targets: `cross_entropy_sum(F.linear(hidden, weight), targets)` with at most
+    `chunk_tokens` tokens' logits held at once (see above). For training: the gradients are
+    computed in forward whether or not backward follows."""
+    return _LinearCrossEntropySum.apply(hidden.flatten(0, 1), weight, targets.flatten(), chunk_tokens)
 
 
 # RMSNorm computed in fp32 (bf16 mean-of-squares loses too much precision).
@@ -180,11 +243,26 @@ class Block(nn.Module):
         return y if self.use_moe else (y, None)
 
 
+class LMHead(nn.Linear):
+    """The output head (a bias-free nn.Linear, called as a module so that the hooks of parallel
+    wrappers run): x: [B, T, C] -> logits [B, T, V]; with targets [B, T], the scalar fp32 sum of
+    the token losses instead, computed by linear_cross_entropy_sum without [B, T, V] logits."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy_sum(x, self.weight, targets)
+
+
 class GPTOutput(NamedTuple):
     """What `GPT.forward(..., return_aux=True)` returns."""
-    logits: torch.Tensor               # [B, T, V]
+    logits: torch.Tensor | None        # [B, T, V]; None in training with targets (not materialised)
     aux_loss: torch.Tensor             # scalar fp32: sum over MoE layers of MoEStats.aux_loss (0 if dense)
     expert_load: torch.Tensor | None   # [num_layer, E] int64 (MoEStats.expert_load per layer), or None
+    loss_sum: torch.Tensor | None      # scalar fp32: sum of the token losses over valid targets, or None
 
 
 class GPT(nn.Module):
@@ -197,7 +275,7 @@ class GPT(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layer))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         if config.tied_lm_head:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = "none"
@@ -238,9 +316,11 @@ class GPT(nn.Module):
         FULL sequences, also when idx is a sequence-parallel chunk of them.
 
         Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
-        token cross-entropy over valid targets plus the auxiliary (MoE) loss. With `return_aux`,
-        a `GPTOutput` instead (targets unused), for a caller that computes its own loss.
-        """
+        token cross-entropy over valid targets plus the auxiliary (MoE) loss. In training mode with
+        targets the loss is computed chunk by chunk without full-vocabulary logits
+        (linear_cross_entropy_sum), and logits is None. With `return_aux`, a `GPTOutput` instead,
+        with the loss's sum over tokens (for a caller that divides by its own token count, e.g.
+        over all sequence-parallel chunks)."""
         if position_ids is None:
             position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
         cos, sin = self.rope(position_ids)
@@ -256,9 +336,14 @@ class GPT(nn.Module):
             if stats is not None:
                 aux_loss = aux_loss + stats.aux_loss
                 expert_load.append(stats.expert_load)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None and self.training:   # no [B, T, V] logits in training
+            logits, loss_sum = None, self.lm_head(x, targets)
+        else:   # evaluation and generation: the full logits
+            logits = self.lm_head(x)
+            loss_sum = None if targets is None else cross_entropy_sum(logits, targets)
         if return_aux:
-            return GPTOutput(logits, aux_loss, torch.stack(expert_load) if expert_load else None)
+            return GPTOutput(logits, aux_loss, torch.stack(expert_load) if expert_load else None, loss_sum)
         if targets is None:
             return logits
-        return logits, cross_entropy_loss(logits, targets) + aux_loss
+        return logits, loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1) + aux_loss

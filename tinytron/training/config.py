@@ -60,7 +60,8 @@ class TrainingConfig:
         "auto: cuda if available, else cpu", choices=("auto", "cuda", "cpu")))
     backend: str = field(default="auto", metadata=_help(
         "auto: nccl on cuda, gloo on cpu", choices=("auto", "nccl", "gloo")))
-    use_compile: bool = field(default=False, metadata=_help("torch.compile each transformer block"))
+    use_compile: bool = field(default=False, metadata=_help(
+        "torch.compile the whole forward, output head and loss included"))
     activation_checkpointing: str = field(default="none", metadata=_help(
         "recompute activations in backward: none, full (every block) or selective (the MLPs)",
         choices=("none", "full", "selective")))

@@ -14,13 +14,13 @@ same shard rule as ZeRO-1. Activations are what autograd saves for backward, per
 (the formulas below; within 0.5% of the bytes measured on CPU with saved-tensor hooks in
 tests/test_plan.py, 3% under expert parallelism). They assume the flash/efficient SDPA kernels (O(T)
 memory: output and log-sum-exp saved, no T x T matrix) and, for MoE, balanced routing (k assignments
-per token on every rank). Peak also counts the largest transient of backward: the loss's fp32
-gradients, or later the recomputed block(s) of activation checkpointing, whichever is larger (they
-never coexist), and on CUDA cuBLAS's workspaces. With all of it, the planned peak equals the peak
-of live tensors measured op by op on CPU (tests/test_plan.py) and covers, within 5%,
-`torch.cuda.max_memory_allocated` (tests/test_cuda.py). Not modelled: the CUDA context and NCCL
-buffers (~1-2 GiB, outside torch's allocator), allocator fragmentation, torch.compile workspaces:
-the fit uses `--usable_fraction` (0.9) of the GPU.
+per token on every rank). Peak also counts the largest transient: one chunk of the loss's logits
+in forward (no [tokens, V] logits are ever held whole), or the recomputed block(s) of activation
+checkpointing in backward, whichever is larger (they never coexist), and on CUDA cuBLAS's
+workspaces. With all of it, the planned peak covers the peak of live tensors measured op by op
+on CPU (tests/test_plan.py) and `torch.cuda.max_memory_allocated` (tests/test_cuda.py), within 5%.
+Not modelled: the CUDA context and NCCL buffers (~1-2 GiB, outside torch's allocator), allocator
+fragmentation, torch.compile workspaces: the fit uses `--usable_fraction` (0.9) of the GPU.
 """
 
 import dataclasses
@@ -34,6 +34,7 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
 from tinytron.distributed.zero1.whole_matrices import owner_layout
 from tinytron.model import GPT
+from tinytron.model.gpt import CHUNK_TOKENS
 from tinytron.training.config import Config, validate_config
 from tinytron.training.trainer import Trainer
 
@@ -149,7 +150,8 @@ def muon_step_bytes(cfg: Config, trainer_cls=Trainer) -> int:
 def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
     """bf16 copies of the matmul weights that autocast makes in forward and autograd keeps for
     backward (the router stays fp32; experts are cast explicitly); none under fp32, and none for
-    the blocks that activation checkpointing recomputes."""
+    the blocks that activation checkpointing recomputes. The head's copy is not kept: the chunked
+    loss (model/gpt.py) computes the head's gradients in forward."""
     if cfg.training.precision != "bf16":
         return 0
     m = cfg.model
@@ -157,13 +159,13 @@ def weight_copy_bytes(cfg: Config, sep_size: int, mode: str) -> int:
     attn = C * (H + 2 * Kv) * D + H * D * C
     mlp = (m.num_experts // sep_size) * 3 * C * m.moe_intermediate_size if m.use_moe else 3 * C * m.intermediate_size
     per_layer = {"none": attn + mlp, "selective": attn, "full": 0}[mode]
-    return 2 * (m.num_layer * per_layer + m.vocab_size * C)
+    return 2 * m.num_layer * per_layer
 
 
 def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> dict:
     """Bytes of one micro-batch of `batch_size` sequences on one rank (T/sep tokens each):
     {"saved": what autograd keeps from forward to backward, "transient": the largest extra at
-    once in backward: the loss's fp32 gradients or the recomputed block of checkpointing}.
+    once: one chunk of the loss in forward, or the recomputed block of checkpointing in backward}.
 
     Per token, a = 2 (bf16 autocast) or 4 (fp32) bytes per element; the residual stream, RMSNorm
     and loss are fp32:
@@ -178,9 +180,13 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
                      + 16k (token order) + k(2aC + 4aI) (sorted tokens, expert SwiGLU and
                      output per slot) + 4kC (expert outputs in fp32 for the weighted sum)
                      [+ 4E + 4 with z-loss]
-      final          8C + 4 + aC + 4V (final norm, lm_head input, log-softmax)
-    plus the int64 token ids, 8(T + 1) per sequence, and their flattened copies for the
-    embedding and the loss, 16 T/sep, and RoPE's cos/sin, 8 T/sep D per micro-batch.
+      final          8C + 4 + 4C (final norm; the loss's gradient w.r.t. its fp32 input)
+    plus the int64 token ids, 8(T + 1) per sequence, and their flattened copy for the embedding,
+    8 T/sep; per micro-batch RoPE's cos/sin, 8 T/sep D, and the loss's fp32 gradient of the head
+    weight, 4VC. No [tokens, V] logits are saved: the loss (model/gpt.py) runs over chunks of at
+    most CHUNK_TOKENS tokens, each holding its logits (a), their fp32 log-softmax and, under bf16,
+    an fp32 copy of the logits and the bf16 gradient: (a + 4 + (4 if a = 2)) V per token of a chunk
+    (the micro-batch's tokens when fewer), a transient of forward.
     selective keeps only the MLP input (4C) of each MLP; full keeps only each block's input (4C).
     """
     m, T = cfg.model, cfg.training.seq_len
@@ -200,14 +206,17 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
         mlp = a * C + 4 * a * m.intermediate_size
     layer = {"none": 2 * norm + attn + mlp, "selective": norm + attn + 4 * C, "full": 4 * C}[mode]
     tokens = batch_size * (T // sep_size)
-    saved = (tokens * (m.num_layer * layer + norm + a * C + 4 * V + 16)
-             + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D)
+    saved = (tokens * (m.num_layer * layer + norm + 4 * C + 8)
+             + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D + 4 * V * C)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
-    # The loss's backward, while its saved fp32 log-softmax is alive: the gradient of the
-    # log-softmax output and of its input, both fp32 (then cast to the logits' dtype, after the
-    # first is freed). The recomputed block(s) come later, once the loss's tensors are freed.
-    logits = 8 * V
-    return {"saved": saved, "transient": tokens * max(recompute, logits)}
+    # The loss chunk lives at the end of forward, the recomputed block(s) in backward: never both.
+    # ... plus the fp32 gradient of the chunk's hidden states (4C per token) and, under autocast, the
+    # bf16 copy of the head weight made for the chunk's matmul (2VC, not kept for backward).
+    loss_chunk = min(tokens, CHUNK_TOKENS) * (V * (a + 4 + (4 if a == 2 else 0)) + 4 * C) + (2 * V * C if a == 2 else 0)
+    # Autocast keeps every weight it cast until forward ends, also those of blocks that checkpointing
+    # frees for backward: at the loss chunk, all layers' bf16 copies are alive.
+    cache = weight_copy_bytes(cfg, sep_size, "none") - weight_copy_bytes(cfg, sep_size, mode)
+    return {"saved": saved, "transient": max(tokens * recompute, loss_chunk + cache)}
 
 
 def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
@@ -218,6 +227,9 @@ def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
 # allocator (so counted by max_memory_allocated): forward runs on the main thread, backward on
 # autograd's device thread; 32 MiB each by torch's default on Hopper: at most 4 x 32 MiB.
 CUDA_WORKSPACE_BYTES = 4 * 32 * 2**20
+# The step's small tensors the formulas do not itemise (losses, token counts, the grad norm, the
+# step's statistics, the optimizer's step counters): about 1 KiB measured; 64 KiB covers them.
+SMALL_TENSORS_BYTES = 2**16
 
 
 def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = "cuda") -> dict:
@@ -237,15 +249,16 @@ def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = 
     out = {"states": states, "seps": seps, "engines": (True, False, "fsdp") if fsdp else (True, False),
            "engine": "fsdp" if fsdp else zero1, "fsdp": fsdp,
            "step_transient": muon_step_bytes(cfg, trainer_cls)}   # Muon: one matrix's update at a time
-    workspace = CUDA_WORKSPACE_BYTES if device == "cuda" else 0
+    workspace = (CUDA_WORKSPACE_BYTES if device == "cuda" else 0) + SMALL_TENSORS_BYTES
     for s in seps:
         for mode in MODES:
-            act, one = activation_bytes(cfg, t.batch_size, s, mode), activation_bytes(cfg, 1, s, mode)
+            act = activation_bytes(cfg, t.batch_size, s, mode)
+            one, two = (sum(activation_bytes(cfg, b, s, mode).values()) for b in (1, 2))
+            per_seq = two - one   # linear in the batch: the rest is per micro-batch (RoPE, loss)
             copies = weight_copy_bytes(cfg, s, "full" if fsdp else mode)   # FSDP: blocks gathered in bf16
-            rope = 8 * (t.seq_len // s) * cfg.model.head_dim  # per micro-batch, not per sequence
-            fixed = sum(states[s, out["engine"]].values()) + copies + rope + out["step_transient"] + workspace
-            out[s, mode] = {"act": act, "copies": copies, "fixed": fixed,
-                            "total": fixed + sum(act.values()) - rope, "per_seq": sum(one.values()) - rope}
+            fixed = sum(states[s, out["engine"]].values()) + copies + one - per_seq + out["step_transient"] + workspace
+            out[s, mode] = {"act": act, "copies": copies, "fixed": fixed, "per_seq": per_seq,
+                            "total": fixed - one + per_seq + sum(act.values())}
     return out
 
 
@@ -280,7 +293,7 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
         lines.append(f"  {'Muon step transient':<25}{b['step_transient'] / GiB:>18.3f}  (the largest matrix's update)")
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
-              "  sep  checkpointing     saved  backward transient  bf16 weight copies  largest --batch_size"]
+              "  sep  checkpointing     saved           transient  bf16 weight copies  largest --batch_size"]
     for s in seps:
         for mode in MODES:
             row, act = b[s, mode], b[s, mode]["act"]

@@ -150,11 +150,12 @@ class Trainer:
         model.to(self.device)
         model.set_activation_checkpointing(cfg.training.activation_checkpointing)
         if cfg.training.use_compile:
-            # Dense blocks without sequence parallelism compile to one graph each (fullgraph
-            # asserts it); the Ulysses all-to-alls and the MoE split-size sync break graphs.
-            fullgraph = ps.get_sep_size() == 1 and not cfg.model.use_moe
-            for layer in model.layers:
-                layer.compile(fullgraph=fullgraph)
+            # The whole forward, head and loss included. One process with a dense model compiles
+            # to one graph (fullgraph asserts it); graphs break at the Ulysses all-to-alls, the MoE
+            # split-size sync, ZeRO-1's all-gather waits and FSDP's hooks. Dense shapes never
+            # change: static; MoE's per-expert token counts do: dynamic after the first change.
+            model.compile(fullgraph=self.world_size == 1 and not cfg.model.use_moe,
+                          dynamic=None if cfg.model.use_moe else False)
         if self.fsdp:   # ZeRO-3: params, grads and optimizer state sharded (distributed/fsdp)
             apply_fsdp(model, dist.group.WORLD, ps.get_dp_group(), ps.get_dp_size(), cfg.training.precision == "bf16")
         if self.is_main:
@@ -242,8 +243,9 @@ class Trainer:
         models) of one micro-batch on this rank, as tensors."""
         inputs, targets, positions, mask, count = self._split_batch(batch)
         with self._autocast():
-            out = self.model(inputs, position_ids=positions, return_aux=True, document_mask=mask)
-        lm = cross_entropy_sum(out.logits, targets) / count.clamp(min=1)
+            # The loss is computed inside the model (compiled with it), without full logits.
+            out = self.model(inputs, targets=targets, position_ids=positions, return_aux=True, document_mask=mask)
+        lm = out.loss_sum / count.clamp(min=1)
         return lm, out.aux_loss, out.expert_load
 
     def train_step(self, batches) -> dict:
