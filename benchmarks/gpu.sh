@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2016,SC2329  # backquotes are markdown; the checks run through `check`
 # The GPU checks one GPU can run, in one go, in under 7 minutes on one H100/H200: the `cuda` test
-# tier first (tests/test_cuda.py), then the figures of docs/benchmarks.md ("GPU"), every figure to
-# one markdown file. Runs on a stock CUDA image as it is: torch and transformers, no `datasets`, no
+# tier first (every test marked `cuda`), then the figures of docs/benchmarks.md ("GPU"), most
+# wanted first, every figure to one markdown file. Runs on a stock CUDA image as it is: torch and transformers, no `datasets`, no
 # install of this repository (run from its root), `python3` only.
 #
 #   bash benchmarks/gpu.sh [RESULTS.md]      (default: gpu_results.md; the full output: RESULTS.md.log)
@@ -86,12 +86,16 @@ peak_and_plan() {
 
 export out tmp
 export -f figures trainer peak_and_plan
-check "cuda test tier" 200 python3 -m pytest -m cuda -q -rP -p no:cacheprovider tests/test_cuda.py
-check "Trainer, GPT-2 124M shape (SwiGLU 2048, tied), --use_compile" 80 trainer gpt2 "${GPT2[@]}" --use_compile
-check "Trainer, 0.25B preset (head_dim 32), --use_compile" 80 trainer p025 "${P025[@]}" --use_compile
+check "cuda test tier" 200 python3 -m pytest -m cuda -q -rP -p no:cacheprovider tests/
+check "Trainer, 0.25B preset (head_dim 32), --use_compile" 75 trainer p025 "${P025[@]}" --use_compile
+check "Trainer, GPT-2 124M shape (SwiGLU 2048, tied), --use_compile" 75 trainer gpt2 "${GPT2[@]}" --use_compile
+check "Peers: GPT-2 124M shape vs transformers' GPT2LMHeadModel (bf16, both compiled whole)" 150 \
+  python3 -m benchmarks.peers --device cuda --preset gpu --pair gpt2 --warmup 3 --steps 8 --append "$out"
+check "Memory plan vs eager, 0.25B, no recompute" 45 peak_and_plan none "${P025[@]}"
+check "Memory plan vs eager, 0.25B, full recompute" 45 peak_and_plan full "${P025[@]}"
+check "Step profile, 0.25B (bf16, eager)" 60 \
+  python3 -m benchmarks.step_profile --device cuda --dtype bf16 --preset 0.25b --warmup 2 --steps 3 --append "$out"
 check "Trainer, 1B (16 x 2048, head_dim 128, kv 4), --use_compile" 90 trainer p1b "${P1B[@]}" --use_compile
-check "Memory plan vs eager, 0.25B, no recompute" 50 peak_and_plan none "${P025[@]}"
-check "Memory plan vs eager, 0.25B, full recompute" 50 peak_and_plan full "${P025[@]}"
 
 echo "results: $out (log: $log)"
 exit "$failed"

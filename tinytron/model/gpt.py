@@ -74,15 +74,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens):
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        # No in-place writes into what is saved for backward: torch 2.11's compiler saved such a
+        # buffer as it was before the writes (zero gradients under --use_compile).
+        losses, grad_hidden, grad_weight = [], [], None
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            chunk_loss, grad_hidden[rows], chunk_grad_weight = _chunk_loss_and_grads(hidden[rows], weight,
+            chunk_loss, chunk_grad_hidden, chunk_grad_weight = _chunk_loss_and_grads(hidden[rows], weight,
                                                                                     targets[rows])
-            loss += chunk_loss
-            grad_weight += chunk_grad_weight
+            losses.append(chunk_loss)
+            grad_hidden.append(chunk_grad_hidden.to(hidden.dtype))
+            grad_weight = chunk_grad_weight.float() if grad_weight is None else grad_weight + chunk_grad_weight
+        loss = torch.stack(losses).sum()
+        grad_hidden = torch.cat(grad_hidden)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss

@@ -210,23 +210,33 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
              + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D + 4 * V * C)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
     # The loss chunk lives at the end of forward, the recomputed block(s) in backward: never both.
-    # ... plus the fp32 gradient of the chunk's hidden states (4C per token) and, under autocast, the
-    # bf16 copy of the head weight made for the chunk's matmul (2VC, not kept for backward).
+    # The chunk holds its logits, their fp32 copy and log-softmax, the loss's input (4C per token)
+    # and, under autocast, the bf16 copy of the head weight made for its matmul (2VC, not kept).
     loss_chunk = min(tokens, CHUNK_TOKENS) * (V * (a + 4 + (4 if a == 2 else 0)) + 4 * C) + (2 * V * C if a == 2 else 0)
+    # At the last chunk's softmax, the gradients `saved` counts are not complete yet: the last
+    # chunk's hidden-state gradient is still to come, and with one chunk the head's (4VC) too.
+    last = tokens - CHUNK_TOKENS * ((tokens - 1) // CHUNK_TOKENS)
+    loss_chunk -= 4 * C * last + (4 * V * C if tokens <= CHUNK_TOKENS else 0)
     # Autocast keeps every weight it cast until forward ends, also those of blocks that checkpointing
-    # frees for backward: at the loss chunk, all layers' bf16 copies are alive.
-    cache = weight_copy_bytes(cfg, sep_size, "none") - weight_copy_bytes(cfg, sep_size, mode)
-    return {"saved": saved, "transient": max(tokens * recompute, loss_chunk + cache)}
+    # frees for backward: at the loss chunk all layers' bf16 attention (and dense MLP) copies are
+    # alive; experts are cast outside autocast and freed with their block.
+    autocast = weight_copy_bytes(cfg, sep_size, "selective" if m.use_moe else "none")
+    cache = max(0, autocast - weight_copy_bytes(cfg, sep_size, mode))
+    # A recomputed block lives with the gradients of its output and input (fp32, 4C per token each).
+    backward = tokens * (recompute + 8 * C) if recompute else 0
+    return {"saved": saved, "transient": max(backward, loss_chunk + cache)}
 
 
 def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
     return max(0, int((usable - fixed) // per_seq))
 
 
-# cuBLAS and cuBLASLt keep a workspace per (thread, stream), allocated through torch's caching
-# allocator (so counted by max_memory_allocated): forward runs on the main thread, backward on
-# autograd's device thread; 32 MiB each by torch's default on Hopper: at most 4 x 32 MiB.
-CUDA_WORKSPACE_BYTES = 4 * 32 * 2**20
+# CUDA's own buffers in torch's allocator (so counted by max_memory_allocated): cuBLAS and cuBLASLt
+# keep a workspace per (thread, stream), forward on the main thread and backward on autograd's
+# device thread, 32 MiB each on Hopper; cuDNN's attention takes its own. Measured on one H200 (torch
+# 2.11, processes of their own): 230 MiB beyond the formulas, the same for every model and
+# recomputation mode measured (tests/test_cuda.py, docs/benchmarks.md); planned: 288 MiB.
+CUDA_WORKSPACE_BYTES = 288 * 2**20
 # The step's small tensors the formulas do not itemise (losses, token counts, the grad norm, the
 # step's statistics, the optimizer's step counters): about 1 KiB measured; 64 KiB covers them.
 SMALL_TENSORS_BYTES = 2**16
