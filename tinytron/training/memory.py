@@ -210,21 +210,17 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
              + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D + 4 * V * C)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
     # The loss chunk lives at the end of forward, the recomputed block(s) in backward: never both.
-    # The chunk holds its logits, their fp32 copy and log-softmax, the loss's input (4C per token)
-    # and, under autocast, the bf16 copy of the head weight made for its matmul (2VC, not kept).
-    loss_chunk = min(tokens, CHUNK_TOKENS) * (V * (a + 4 + (4 if a == 2 else 0)) + 4 * C) + (2 * V * C if a == 2 else 0)
+    # The chunk holds its logits, their fp32 copy and log-softmax, and the loss's input (4C per token).
+    loss_chunk = min(tokens, CHUNK_TOKENS) * (V * (a + 4 + (4 if a == 2 else 0)) + 4 * C)
     # At the last chunk's softmax, the gradients `saved` counts are not complete yet: the last
     # chunk's hidden-state gradient is still to come, and with one chunk the head's (4VC) too.
     last = tokens - CHUNK_TOKENS * ((tokens - 1) // CHUNK_TOKENS)
     loss_chunk -= 4 * C * last + (4 * V * C if tokens <= CHUNK_TOKENS else 0)
-    # Autocast keeps every weight it cast until forward ends, also those of blocks that checkpointing
-    # frees for backward: at the loss chunk all layers' bf16 attention (and dense MLP) copies are
-    # alive; experts are cast outside autocast and freed with their block.
-    autocast = weight_copy_bytes(cfg, sep_size, "selective" if m.use_moe else "none")
-    cache = max(0, autocast - weight_copy_bytes(cfg, sep_size, mode))
     # A recomputed block lives with the gradients of its output and input (fp32, 4C per token each).
+    # (The Trainer's autocast keeps no cast cache, which would hold every layer's bf16 weight copy
+    # until forward ends, checkpointed layers' too.)
     backward = tokens * (recompute + 8 * C) if recompute else 0
-    return {"saved": saved, "transient": max(backward, loss_chunk + cache)}
+    return {"saved": saved, "transient": max(backward, loss_chunk)}
 
 
 def _largest_batch(usable: float, fixed: int, per_seq: int) -> int:
