@@ -83,8 +83,11 @@ launch() {
   export TINYTRON_STOP_FILE
   # Bad flags (and a finished run found again) fail here, in one process and one line, exit 2,
   # before torchrun starts (whose own report of a failed worker is a page of traceback). Skipped
-  # when the platform sets torchrun's layout (the world size is then torchrun's to know).
-  if [ -z "${PET_NNODES:-}${PET_NPROC_PER_NODE:-}" ] && [[ "$NUM_NODES" =~ ^[0-9]+$ ]]; then
+  # when the platform sets torchrun's layout (the world size is then torchrun's to know). The entry
+  # script must hand its flags to tinytron.training.run (pretrain_*.py and README's Extending do),
+  # which checks them and returns when TINYTRON_PREFLIGHT is set; TINYTRON_PREFLIGHT=0 skips this.
+  if [ "${TINYTRON_PREFLIGHT:-}" != 0 ] && [ -z "${PET_NNODES:-}${PET_NPROC_PER_NODE:-}" ] \
+      && [[ "$NUM_NODES" =~ ^[0-9]+$ ]]; then
     TINYTRON_PREFLIGHT=$((NUM_NODES * NPROC_PER_NODE)) "$PYTHON" "$entry" --sep_size "$SEP_SIZE" "$@" || exit
   fi
   (trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &

@@ -20,10 +20,10 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
     from tinytron.training.arguments import build_parser, config_from_args
     parser = parser or build_parser()
     config = config_from_args(parser.parse_args(argv))
-    world = os.environ.get("TINYTRON_PREFLIGHT")
+    world = int(os.environ.get("TINYTRON_PREFLIGHT") or 0)   # 0: off
     if world:   # scripts/launch.sh, before it starts torchrun: the flags alone, in this process
         try:
-            check_flags(config, int(world))
+            check_flags(config, world)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
