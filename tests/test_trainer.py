@@ -162,6 +162,57 @@ def test_items_of_the_wrong_length_are_one_line(tmp_path):
         Short(tiny_config(tmp_path))
 
 
+CUSTOM_DATA_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from tinytron.training import Trainer, run
+from tinytron.training.arguments import build_parser
+
+class Windows(torch.utils.data.Dataset):
+    def __init__(self, tokens, seq_len):
+        self.tokens, self.seq_len = tokens, seq_len
+    def __len__(self):
+        return (len(self.tokens) - 1) // self.seq_len
+    def __getitem__(self, i):
+        return self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
+
+class MyTrainer(Trainer):
+    def _init_dataset(self):
+        tokens = torch.load(os.environ["TOKENS"])
+        seq_len = self.config.training.seq_len
+        return Windows(tokens[:4000], seq_len), Windows(tokens[4000:], seq_len)
+
+if __name__ == "__main__":
+    run(MyTrainer, build_parser())
+"""
+
+
+def test_custom_data_is_part_of_the_run_identity(tmp_path):
+    """README's custom-data Trainer, run as a user runs it (python my_script.py, same flags): other
+    data starts a run folder of its own (trains, exit 0) instead of resuming the finished one; the
+    same data again finds its finished run (one line, exit 2)."""
+    script = tmp_path / "my_pretrain.py"
+    script.write_text(CUSTOM_DATA_SCRIPT.format(repo=REPO))
+    flags = [f for f in TINY_FLAGS if f != "--use_mock_data"] + ["--log_dir", str(tmp_path / "logs")]
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        torch.save(torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(seed)), tmp_path / name)
+
+    def train_on(name):
+        return subprocess.run([sys.executable, str(script), *flags], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "TOKENS": str(tmp_path / name)})
+    first = train_on("a.pt")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_a,) = os.listdir(tmp_path / "logs")
+    assert "data: Windows, 249 training / 62 validation sequences (identity " in first.stdout
+    other = train_on("b.pt")
+    assert other.returncode == 0, other.stderr[-2000:]
+    (run_b,) = set(os.listdir(tmp_path / "logs")) - {run_a}
+    assert sorted(read_log(tmp_path / "logs" / run_b)) == list(range(8))
+    again = train_on("a.pt")
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith(f"error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
+
+
 def test_a_run_shorter_than_its_warmup_warns(tmp_path, capsys):
     """One epoch of 16 mock sequences at 8 per step (128 tokens of 16) is 2 steps."""
     Trainer(tiny_config(tmp_path, "--max_steps", "0", "--max_epochs", "1", "--mock_data_num_samples", "16",

@@ -212,18 +212,27 @@ class Config:
                                   for k, v in values.items() if k in names})
         return cls(**{name: build(SECTIONS[name], d.get(name, {})) for name in SECTIONS})
 
-    def short_hash(self) -> str:
+    def short_hash(self, data_identity: str = "") -> str:
         """8 hex digits over what determines the training result (model, data, optimisation,
-        schedule, seed): stable across processes and layouts."""
+        schedule, seed): stable across processes and layouts. data_identity: what identifies the
+        data a Trainer subclass's own _init_dataset returns (preflight.data_identity); '' for data
+        the flags identify (mock data)."""
         defaults = Config().to_dict()
         d = {k: {f: v for f, v in sec.items()
                  if f not in _NOT_HASHED_FIELDS and (f not in _HASHED_IF_SET or v != defaults[k][f])}
              for k, sec in self.to_dict().items() if k not in _NOT_HASHED}
+        if data_identity:
+            d["data_identity"] = data_identity
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_folder(self, data_identity: str = "") -> str:
+        """<log_dir>/<exp_name>_<hash>: see short_hash."""
+        return os.path.join(self.logging.log_dir, f"{self.logging.exp_name}_{self.short_hash(data_identity)}")
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.logging.log_dir, f"{self.logging.exp_name}_{self.short_hash()}")
+        """The run folder of a run on data the flags identify (the Trainer's own _init_dataset)."""
+        return self.run_folder()
 
 
 class ConfigError(ValueError):

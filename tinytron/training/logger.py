@@ -24,9 +24,9 @@ from tinytron.training.metrics import MetricsLogger
 LOG_FILE = "log.txt"
 
 
-def make_run_dir(config: Config) -> str:
-    """Create the run folder (config.run_dir); ConfigError when it cannot be written."""
-    run_dir = config.run_dir
+def make_run_dir(config: Config, data_identity: str = "") -> str:
+    """Create the run folder (config.run_folder(data_identity)); ConfigError when it cannot be written."""
+    run_dir = config.run_folder(data_identity)
     try:
         os.makedirs(run_dir, exist_ok=True)
         if not os.access(run_dir, os.W_OK):

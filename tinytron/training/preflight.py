@@ -1,6 +1,10 @@
 """Checks made once the Trainer knows its data and length, before any step: what would otherwise
 train silently on the wrong thing."""
 
+import hashlib
+
+import torch
+
 from tinytron.training.checkpoint import find_latest, step_of
 from tinytron.training.config import Config, ConfigError, validate_config
 
@@ -32,6 +36,20 @@ def check_items(train_dataset, val_dataset, seq_len: int) -> None:
                               f"each item must hold --seq_len + 1 = {seq_len + 1} (inputs and next-token targets)")
 
 
+def data_identity(train_dataset, val_dataset) -> str:
+    """What a Trainer subclass's own data adds to the run's identity (its folder's hash): each
+    set's class, length and three items (first, middle, last) as int64 tokens, hashed. Cheap (three
+    reads per set), and it tells apart corpora, splits, tokenizers and window lengths, so a run on
+    other data never auto-resumes this one's folder."""
+    h = hashlib.sha256()
+    for data in (train_dataset, val_dataset):
+        n = len(data)
+        h.update(f"{type(data).__module__}.{type(data).__qualname__} {n}".encode())
+        for i in sorted({0, n // 2, n - 1}) if n else ():
+            h.update(torch.as_tensor(data[i], dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def short_run_warnings(cfg: Config, total_steps: int) -> list[str]:
     """A line for each schedule or cadence the run is too short for (e.g. a run of max_epochs
     whose steps all fall inside the warmup)."""
@@ -61,7 +79,8 @@ def run_summary(trainer) -> list[str]:
              f"steps: {trainer.total_steps} of {t.total_batch_size:,} tokens ({trainer.global_batch_seqs} x "
              f"{t.seq_len}; micro-batch {t.batch_size}, grad accumulation {trainer.grad_accum_steps})",
              f"data: {type(trainer.train_dataset).__name__}, {len(trainer.train_dataset):,} training / "
-             f"{len(trainer.val_dataset):,} validation sequences"]
+             f"{len(trainer.val_dataset):,} validation sequences"
+             + (f" (identity {trainer.data_identity}, in the run folder's hash)" if trainer.data_identity else "")]
     if lg.tensorboard:
         lines.append(f"TensorBoard: tensorboard --logdir {trainer.run_dir}/tb")
     if t.use_profiler:

@@ -48,8 +48,9 @@ from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.muon import muon_optimizer
-from tinytron.training.preflight import check_items, complete_run_error, run_summary, short_run_warnings
-from tinytron.training.resume import resume
+from tinytron.training.preflight import (check_items, complete_run_error, data_identity, run_summary,
+                                         short_run_warnings)
+from tinytron.training.resume import on_rank0, resume
 from tinytron.training.schedule import lr_at
 from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
 from tinytron.utils.params import count_parameters
@@ -71,6 +72,11 @@ class Trainer:
             raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
                             "sets self.train_dataset / self.val_dataset)")
         self.train_dataset, self.val_dataset = datasets
+        check_items(self.train_dataset, self.val_dataset, config.training.seq_len)
+        # A subclass's data enters the run's identity: other data never resumes this folder.
+        own_data = type(self)._init_dataset is not Trainer._init_dataset
+        self.data_identity = (on_rank0(lambda: data_identity(*datasets), self.is_main) if own_data else "")
+        self.run_dir = make_run_dir(config, self.data_identity)
         self.document_layout = document_layout_fn(config, self.train_dataset, self.device)  # --document_mask
         self.model = self._init_model()
         # From here on the optimizer's flat buffers hold the model's parameters and gradients.
@@ -81,7 +87,6 @@ class Trainer:
                               f"batch of {self.global_batch_seqs} (--total_batch_size / --seq_len)")
         t = config.training
         self.total_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
-        check_items(self.train_dataset, self.val_dataset, t.seq_len)
         self.consecutive_skips = 0
         self._last_save_time = time.monotonic()
         # Dropout: an independent stream per rank (DP replicas and SEP chunks draw different
@@ -100,7 +105,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _init_runtime(self) -> None:
         """Validate the config; device, backend, process groups and stop signals
-        (distributed/runtime.py); the run folder."""
+        (distributed/runtime.py)."""
         cfg, t = self.config, self.config.training
         self.grad_accum_steps = validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sink_packages(cfg.logging)
@@ -115,7 +120,6 @@ class Trainer:
         self.device, self.rank, self.world_size, self.is_main = rt.device, rt.rank, rt.world_size, rt.is_main
         self.signals = rt.signals
         self.fsdp = cfg.parallel.fsdp and self.world_size > 1   # one process has nothing to shard
-        self.run_dir = make_run_dir(cfg)
         if self.is_main and dist.is_initialized():
             ps.print_topology()
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
