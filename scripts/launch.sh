@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# The Python that runs torchrun (as `python -m torch.distributed.run`) and the workers, so that no
+# The Python that runs torchrun (as `python -m tinytron.commands.torchrun`: torchrun, with bad
+# input found by the workers ending in their one line, exit 2) and the workers, so that no
 # venv needs activating: $TINYTRON_PYTHON, else the active venv's ($VIRTUAL_ENV), else the venv at
 # the repository's root (.venv, README's setup), else python3 on PATH.
 if [ -n "${TINYTRON_PYTHON:-}" ]; then
@@ -82,7 +83,8 @@ launch() {
   TINYTRON_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/tinytron-stop.XXXXXX")
   export TINYTRON_STOP_FILE
   # Bad flags (and a finished run found again) fail here, in one process and one line, exit 2,
-  # before torchrun starts (whose own report of a failed worker is a page of traceback). Skipped
+  # before torchrun starts any worker (or restarts them for nothing); what only the workers can
+  # find (no GPU, the data) ends the same way through tinytron.commands.torchrun. Skipped
   # when the platform sets torchrun's layout (the world size is then torchrun's to know). The entry
   # script must hand its flags to tinytron.training.run (pretrain_*.py and README's Extending do),
   # which checks them and returns when TINYTRON_PREFLIGHT is set; TINYTRON_PREFLIGHT=0 skips this.
@@ -90,7 +92,7 @@ launch() {
       && [[ "$NUM_NODES" =~ ^[0-9]+$ ]]; then
     TINYTRON_PREFLIGHT=$((NUM_NODES * NPROC_PER_NODE)) "$PYTHON" "$entry" --sep_size "$SEP_SIZE" "$@" || exit
   fi
-  (trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &
+  (trap '' USR1; exec "$PYTHON" -m tinytron.commands.torchrun "${torchrun_args[@]}" "$entry" --sep_size "$SEP_SIZE" "$@") &
   torchrun_pid=$!
   trap 'forward_signal TERM' TERM
   trap 'forward_signal USR1' USR1

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,6 +242,32 @@ def test_bad_flag_fails_on_every_rank(tmp_path):
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--sep_size", "3", nproc=2)
     assert r.returncode != 0 and "error: world size 2 is not divisible by --sep_size 3" in r.stderr
     assert "trainer.py" not in r.stderr  # no traceback from our code
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without torchrun's OMP_NUM_THREADS notice (W... lines) and the launcher's python line."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not re.match(r"W\d{4} ", line) and not line.startswith("[launch] python: ")]
+
+
+def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
+    """tinytron-torchrun (torchrun with the same flags) and the scripts (which run it): bad input
+    the workers find is the one line, printed once, exit 2, with nothing from torchrun (no log of
+    failed workers, no traceback): a typo, and through a script a --device the machine lacks (only
+    workers find it: the preflight checks flags), also when torchrun restarts the workers."""
+    typo = "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "tinytron-torchrun"), "--standalone",
+                        "--nproc_per_node", "2", "pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(tmp_path),
+                        "--max_step", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, _error_lines(r.stderr)) == (2, [typo]), r.stderr
+
+    if not torch.cuda.is_available():
+        r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--log_dir", str(tmp_path), "--device", "cuda"],
+                           cwd=REPO, capture_output=True, text=True, timeout=180,
+                           env={**launch_env(), "MAX_RESTARTS": "1"})
+        assert (r.returncode, _error_lines(r.stderr)) == (2, [
+            "error: --device cuda but no CUDA device is available (--device auto picks CUDA when there is one, "
+            "else the CPU)"]), r.stderr
 
 
 def test_debug_cpu_script_runs(tmp_path):

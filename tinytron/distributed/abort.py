@@ -21,6 +21,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+# Set by tinytron-torchrun (tinytron/commands/torchrun.py) for its workers: the file the first of
+# them to reject its input writes its line to (see claim_bad_input_report).
+BAD_INPUT_FILE_ENV = "TINYTRON_BAD_INPUT_FILE"
 POLL_SECONDS = 1.0  # how often the watcher looks for a message
 READ_TIMEOUT_SECONDS = 10.0  # how long a rank waits for the others to read the message
 
@@ -104,11 +107,29 @@ def fail(message: str, code: int, post: bool = True) -> None:
     _exit(message, code, channel)
 
 
+def claim_bad_input_report(message: str) -> bool:
+    """Whether this process prints `message`, its bad-input line (exit 2): always, except under
+    tinytron-torchrun once another process of this node has: every rank finds the same bad input,
+    and the launcher shows the line once. The first process to create the launcher's file writes
+    its line there, which also tells the launcher to exit 2 without torchrun's failure report."""
+    path = os.environ.get(BAD_INPUT_FILE_ENV)
+    if not path:
+        return True
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(message.strip() + "\n")
+    return True
+
+
 def _exit(message: str, code: int, channel) -> None:
-    """Print the line, wait for the other ranks to read it, leave without waiting on peers (no
-    process-group teardown: they may be gone)."""
+    """Print the line (bad input: once per node under tinytron-torchrun), wait for the other ranks
+    to read it, leave without waiting on peers (no process-group teardown: they may be gone)."""
     _exit_lock.acquire()  # never released: a second failure (e.g. the watcher) waits for os._exit
-    print(message, file=sys.stderr, flush=True)
+    if code != 2 or claim_bad_input_report(message):
+        print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     if channel is not None:
         try:

@@ -6,6 +6,7 @@ import difflib
 import re
 import typing
 
+from tinytron.distributed.abort import claim_bad_input_report
 from tinytron.model.config import ModelConfig
 from tinytron.training.config import SECTIONS, Config
 
@@ -62,7 +63,8 @@ class FlagParser(argparse.ArgumentParser):
             flag = unknown.group(1).split("=")[0]
             near = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")], 1)
             message += f" (did you mean {near[0]}?)" if near else ""
-        self.exit(2, f"error: {message}\n")
+        line = f"error: {message}"
+        self.exit(2, line + "\n" if claim_bad_input_report(line) else None)
 
 
 def build_parser(description: str = "Tinytron pre-training") -> argparse.ArgumentParser:

@@ -48,8 +48,7 @@ from tinytron.training.downstream import downstream_from_config
 from tinytron.training.logger import RunLogger, make_run_dir
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.muon import muon_optimizer
-from tinytron.training.preflight import (check_items, complete_run_error, data_identity, run_summary,
-                                         short_run_warnings)
+from tinytron.training.preflight import check_items, complete_run_error, data_identity, run_summary, short_run_warnings
 from tinytron.training.resume import on_rank0, resume
 from tinytron.training.schedule import lr_at
 from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
