@@ -220,6 +220,11 @@ def test_a_run_shorter_than_its_warmup_warns(tmp_path, capsys):
                         "--warmup_steps", "5"))
     assert "[tinytron] warning: --warmup_steps 5 >= the run's 2 steps: the learning rate never leaves warmup" \
         in capsys.readouterr().out
+    from tinytron.training.preflight import short_run_warnings
+    scored = tiny_config(tmp_path, "--eval_tasks", "tasks.jsonl", "--eval_every_steps", "10")
+    assert short_run_warnings(scored, 8) == [
+        "--eval_every_steps 10 > the run's 8 steps: --eval_tasks are scored once, at the end"]
+    assert short_run_warnings(tiny_config(tmp_path, "--eval_tasks", "tasks.jsonl", "--eval_every_steps", "8"), 8) == []
 
 
 def test_unknown_precision_is_rejected(tmp_path):

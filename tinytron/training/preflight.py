@@ -60,6 +60,9 @@ def short_run_warnings(cfg: Config, total_steps: int) -> list[str]:
     if t.do_val and t.val_every_steps > total_steps:
         out.append(f"--val_every_steps {t.val_every_steps} > the run's {total_steps} steps: validation runs "
                    "once, at the end")
+    if t.eval_tasks and t.eval_every_steps > total_steps:
+        out.append(f"--eval_every_steps {t.eval_every_steps} > the run's {total_steps} steps: --eval_tasks are "
+                   "scored once, at the end")
     return out
 
 
