@@ -114,7 +114,7 @@ def reference(flags: list[str], log_dir: str, history: list | None = None) -> tu
         if history is not None:
             norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             lm = out.loss_sum.detach() / batch[:, 1:].numel()
-            history.append((lm.item(), out.aux_loss.item(), norm.item()))
+            history.append((lm.item(), out.aux_loss.detach().item(), norm.item()))
         if t.grad_clip_value:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_value)
         for p, e, view in stacked:
