@@ -168,8 +168,10 @@ def fsdp_muon_buffer_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) ->
             owned = sum(m.height * m.row for m in ms if m.owner == me)
             b["momentum"] += owned * item
             b["whole"] += 2 * owned * item
-            b["send"], b["recv"] = b["send"] + 2 * sum(from_each) * item, b["recv"] + 2 * sum(to_each) * item
-            b["back_send"], b["back_recv"] = b["back_send"] + sum(to_each) * item, b["back_recv"] + sum(from_each) * item
+            b["send"] += 2 * sum(from_each) * item      # grad and param rows to each owner
+            b["recv"] += 2 * sum(to_each) * item        # ... of my matrices, from each rank
+            b["back_send"] += sum(to_each) * item       # updated rows back to each rank
+            b["back_recv"] += sum(from_each) * item
     return out
 
 
@@ -289,7 +291,8 @@ def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = 
                                     key=lambda b: b["optimizer"] + b["params"])
     transient = muon_step_bytes(cfg, trainer_cls)   # Muon: one matrix's update at a time
     if fsdp:   # and the gather's buffers (muon.py), all live at its end: the largest rank's
-        transient += max(b["send"] + b["recv"] + b["whole"] for b in fsdp_muon_buffer_bytes(cfg, world_size, trainer_cls))
+        buffers = fsdp_muon_buffer_bytes(cfg, world_size, trainer_cls)
+        transient += max(b["send"] + b["recv"] + b["whole"] for b in buffers)
     out = {"states": states, "seps": seps, "engines": (True, False, "fsdp") if fsdp else (True, False),
            "engine": "fsdp" if fsdp else zero1, "fsdp": fsdp, "step_transient": transient}
     workspace = (CUDA_WORKSPACE_BYTES if device == "cuda" else 0) + SMALL_TENSORS_BYTES

@@ -189,7 +189,7 @@ class WholeMatrices:
         launched = [g.gather_launch() for g in self.groups]   # both groups' all-to-alls in flight
         self.transient = {"send": sum(s.nbytes for _, s, _ in launched),
                           "recv": sum(r.nbytes for _, _, r in launched)}
-        for g, (work, send, recv) in zip(self.groups, launched):
+        for g, (work, _, recv) in zip(self.groups, launched):
             work.wait()
             g.assemble(recv)
         self.transient["whole"] = sum(2 * m.whole.nbytes for m in self.stepped.values())
