@@ -22,8 +22,13 @@ alone holds the matrix's momentum. One step, per process group (the same order o
 
 Why the params travel to the owner too: torch.optim.Muon writes the whole param
 (p (1 - lr wd) - lr' O); running its code on the real matrix makes the step torch's bit for bit,
-where returning only the update would redo the weight decay here. The cost: a rank sends its Muon
-rows twice and its owned matrices once per step, 1.5 x a reduce-scatter + all-gather of them.
+where returning only the update would redo the weight decay here. The cost: each Muon element
+crosses the wire at most three times per step (grad and param to the owner, the update back), so
+a rank sends about 3 (N - 1) / N^2 of the Muon bytes: 1.5 / N times what a ring reduce-scatter
+plus all-gather of the same matrices would (docs/benchmarks.md has the measured bytes).
+Transient, on each rank: the gather's send (2 x its rows) and receive (2 x its owned matrices)
+buffers and the owned matrices' whole grads and params; then the return's buffers (its owned
+matrices; its rows). tinytron.training.memory counts them all, exactly.
 """
 
 import dataclasses
@@ -52,7 +57,8 @@ def matrices(shapes: list[tuple[int, ...]], size: int) -> list["Matrix"]:
 def split_sizes(ms: list["Matrix"], rank: int) -> tuple[list[int], list[int]]:
     """(to_each, from_each): the elements group rank `rank` sends each rank s (s's rows of the
     matrices `rank` owns) and receives from each owner o (its own rows of o's matrices) when the
-    updated params return; the gather sends and receives twice as many (grads and params)."""
+    updated params return; the gather receives (from each s) and sends (to each o) twice as many:
+    grads and params."""
     size = ms[0].size if ms else 1
     to_each = [sum(m.numel(s) for m in ms if m.owner == rank) for s in range(size)]
     from_each = [sum(m.numel(rank) for m in ms if m.owner == o) for o in range(size)]
@@ -94,8 +100,10 @@ class Matrix:
 
 
 class _Group:
-    """The matrices of the params sharded over one process group, in the same order on every rank,
-    and the split sizes (elements) of its two all-to-alls."""
+    """The matrices of the params sharded over one process group (a DeviceMesh's: the world for
+    dense params, the DP group for experts), in the same order on every rank, and the split sizes
+    (elements, per group rank) of its two all-to-alls. All buffers are 1-D, in the params' dtype,
+    on their device."""
 
     def __init__(self, mesh, params: list[nn.Parameter]):
         self.group, self.size, self.rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
@@ -104,10 +112,12 @@ class _Group:
         for m, p in zip(self.matrices, of_matrix, strict=True):
             m.param, m.whole = p, nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device))
         self.mine = [m for m in self.matrices if m.owner == self.rank]
-        self.back_send, self.back_recv = split_sizes(self.matrices, self.rank)
+        self.to_each, self.from_each = split_sizes(self.matrices, self.rank)
 
-    def gather_launch(self):
-        """Launch the gather (see the module docstring); -> (its Work, the receive buffer)."""
+    def gather_launch(self) -> tuple:
+        """Launch the gather: send [owner 0's matrices: (grad rows, param rows) each | owner 1's |
+        ...] (this rank's rows), receive [from rank 0: (grad rows, param rows) of each matrix I own
+        | from rank 1 | ...]. -> (its Work, the send buffer, the receive buffer)."""
         parts = []
         for o in range(self.size):
             for m in self.matrices:
@@ -117,13 +127,14 @@ class _Group:
                     # A param without a grad steps as zeros, as ZeRO-1's flat grad buffers hold.
                     parts += [piece.new_zeros(piece.shape) if grad is None else m.local(grad, self.rank), piece]
         send = torch.cat(parts)
-        recv = send.new_empty(2 * sum(self.back_send))
-        work = dist.all_to_all_single(recv, send, [2 * n for n in self.back_send],
-                                      [2 * n for n in self.back_recv], group=self.group, async_op=True)
+        recv = send.new_empty(2 * sum(self.to_each))
+        work = dist.all_to_all_single(recv, send, [2 * n for n in self.to_each],
+                                      [2 * n for n in self.from_each], group=self.group, async_op=True)
         return work, send, recv
 
     def assemble(self, recv: torch.Tensor) -> None:
-        """Whole [m, n] grads and params of my matrices from the received rows (sender-major)."""
+        """Each owned matrix's whole [m, n] grad and param (its `whole` tensor's .grad and .data,
+        fresh tensors) from the received rows: a matrix's rows come in rank order."""
         grads, params, at = {id(m): [] for m in self.mine}, {id(m): [] for m in self.mine}, 0
         for s in range(self.size):
             for m in self.mine:
@@ -136,18 +147,20 @@ class _Group:
             m.whole.data = torch.cat(params[id(m)]).view(shape)
             m.whole.grad = torch.cat(grads[id(m)]).view(shape)
 
-    def return_launch(self):
-        """Launch the return of the updated rows; -> (its Work, the send and receive buffers)."""
+    def return_launch(self) -> tuple:
+        """Launch the return: send [rank 0's rows of each matrix I own | rank 1's | ...], receive
+        [my rows of owner 0's matrices | owner 1's | ...]; frees the whole matrices. -> (its Work,
+        the send buffer, the receive buffer)."""
         send = torch.cat([m.whole.detach().view(-1)[slice(*m.span(s))] for s in range(self.size) for m in self.mine]
                          or [local_rows(self.matrices[0].param)[0].new_empty(0)])   # owning none
-        recv = send.new_empty(sum(self.back_recv))
+        recv = send.new_empty(sum(self.from_each))
         for m in self.mine:   # the whole matrices are no longer needed
             m.whole.data, m.whole.grad = m.whole.data.new_empty(0), None
-        work = dist.all_to_all_single(recv, send, self.back_recv, self.back_send, group=self.group, async_op=True)
+        work = dist.all_to_all_single(recv, send, self.from_each, self.to_each, group=self.group, async_op=True)
         return work, send, recv
 
     def scatter(self, recv: torch.Tensor) -> None:
-        """Copy the returned rows into this rank's shards."""
+        """Copy the returned rows into this rank's param shards (in place: FSDP2's local tensors)."""
         at = 0
         for o in range(self.size):
             for m in self.matrices:
