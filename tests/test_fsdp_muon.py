@@ -4,7 +4,8 @@ torch.optim.Muon + AdamW reference of tests/test_muon.py and against ZeRO-1's Mu
 layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the plan's bytes exact.
 
 Layouts (5 steps, gradient accumulation: 16 sequences of a step over dp 2 x micro-batch 2): world 2
-dense dp 2 (--num_workers 2, the default; resumed at step 3 on the same layout); world 4 dp 2 x
+dense dp 2 (--num_workers 2, the default; resumed at step 3 on the same layout) and MoE sep 2 (each
+rank's experts over a DP group of one); world 4 dp 2 x
 sep 2 dense and MoE (experts split over SEP, each rank's 2 sharded over its DP pair and owned by
 whichever rank the greedy rule picks), the MoE also under ZeRO-1. Interchange: ZeRO-1 MoE at sep 2
 (world 2) resumed with --fsdp at dp 2 x sep 2 (world 4: each owner reads its experts' momenta),
@@ -41,6 +42,7 @@ SEP2 = ["--sep_size", "2"]
 WORLD2 = {
     "dense dp2": (MUON + FSDP + WORKERS, None),
     "dense dp2 resumed": (MUON + FSDP, "dense dp2"),                  # same layout: bitwise
+    "moe sep2": (MOE + FSDP + SEP2, None),     # experts over a DP group of 1: all owned locally
     "moe sep2 zero1": (MOE + SEP2, None),
 }
 WORLD4 = {
@@ -107,7 +109,7 @@ def _assert_state(got: dict, want: dict, tol: float, what: str) -> None:
             assert err <= (0 if key == "step" else tol), (what, param, key, err)
 
 
-@pytest.mark.parametrize("name", ["dense dp2", "dense dp2 sep2", "moe dp2 sep2"])
+@pytest.mark.parametrize("name", ["dense dp2", "moe sep2", "dense dp2 sep2", "moe dp2 sep2"])
 def test_fsdp_muon_matches_single_process_torch_muon(runs, references, name):
     """Losses, aux losses and grad norms of every step, the weights and the saved optimizer state
     (Muon's momentum of every matrix, written by its owner; AdamW's moments and steps) equal the
@@ -150,7 +152,7 @@ def test_muon_checkpoints_interchange_with_zero1(runs, references, name):
     _assert_weights(run_dir, want, 1e-5, name)
 
 
-@pytest.mark.parametrize("name", ["dense dp2", "dense dp2 sep2", "moe dp2 sep2"])
+@pytest.mark.parametrize("name", ["dense dp2", "moe sep2", "dense dp2 sep2", "moe dp2 sep2"])
 def test_plan_counts_fsdp_muon_bytes_exactly(runs, name):
     """Every rank's params, grads and optimizer state (AdamW's shards + the momentum of the
     matrices it owns) and the buffers of its last Muon step (the gather's send / recv and whole
