@@ -5,11 +5,11 @@ layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the pla
 
 Layouts (5 steps, gradient accumulation: 16 sequences of a step over dp 2 x micro-batch 2): world 2
 dense dp 2 (--num_workers 2, the default; resumed at step 3 on the same layout) and MoE sep 2 (each
-rank's experts over a DP group of one); world 4 dp 2 x
-sep 2 dense and MoE (experts split over SEP, each rank's 2 sharded over its DP pair and owned by
-whichever rank the greedy rule picks), the MoE also under ZeRO-1. Interchange: ZeRO-1 MoE at sep 2
-(world 2) resumed with --fsdp at dp 2 x sep 2 (world 4: each owner reads its experts' momenta),
-and --fsdp dense at dp 2 (world 2) resumed with ZeRO-1 at dp 2 x sep 2 (world 4).
+rank's experts over a DP group of one); world 4 dp 2 x sep 2 dense and MoE (experts split over
+SEP, each rank's 2 sharded over its DP pair and owned by whichever rank the greedy rule picks), the
+MoE also under ZeRO-1. Interchange: ZeRO-1 MoE at sep 2 (world 2) resumed with --fsdp at dp 2 x
+sep 2 (world 4: each owner reads its experts' momenta), and --fsdp dense at dp 2 (world 2) resumed
+with ZeRO-1 at dp 2 x sep 2 (world 4).
 
 Newton-Schulz in fp32 on both sides (test_muon's `newton_schulz_fp32`, patched into torch.optim.Muon),
 as test_muon's parity runs: torch's bf16 iteration turns a one-ulp difference in a gradient (another
