@@ -1,9 +1,11 @@
-"""--fsdp (ZeRO-3 through FSDP2) vs ZeRO-1 (the default), on gloo/CPU at world 2 and 4.
+"""--fsdp (ZeRO-3 through FSDP2) vs ZeRO-1 (the default), on gloo/CPU at world 2 and 4; and
+--fsdp with --optimizer muon (each Muon matrix gathered whole on its owner: distributed/fsdp/muon.py).
 
-Both engines live in the same processes, each with its own copy of the same GPT, and take turns
-step by step (interleaved: load changes hit both alike). Per engine:
-  state MiB       this rank's parameters + gradients + AdamW state, counted from the real tensors
-                  (by storage; FSDP: the local shards): exact
+The engines live in the same processes, each with its own copy of the same GPT, and take turns
+step by step (interleaved: load changes hit all alike). Per engine:
+  state MiB       this rank's parameters + gradients + optimizer state (AdamW; Muon's momentum of
+                  the matrices it owns), counted from the real tensors (by storage; FSDP: the
+                  local shards): exact
   peak MiB        the resident set's high-water mark of a separate pair of processes that trains
                   only that engine, above the process before the model was built (VmHWM - VmRSS,
                   Linux; tensors over 128 KiB are mmapped, so the mark follows the live tensors:
@@ -15,10 +17,13 @@ step by step (interleaved: load changes hit both alike). Per engine:
                   forward and again in backward and reduce-scatters its grads; ZeRO-1 reduce-scatters
                   the grads and all-gathers the updated params. "Wire" = what each rank sends with
                   ring algorithms, (N-1)/N x the buffer, plus the grad norm's scalar all-reduce.
+                  Muon under FSDP: its two all-to-alls per process group ("all_to_all", uneven
+                  splits), whose wire bytes are counted exactly (all but the rank's own split).
 
-    python -m benchmarks.fsdp            (from the repository root)
+    python -m benchmarks.fsdp [--engines zero1 fsdp fsdp_muon]     (from the repository root)
 """
 
+import argparse
 import collections
 import os
 import platform
@@ -35,11 +40,13 @@ from tinytron.distributed.fsdp import FSDPOptimizer, apply_fsdp
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model.config import ModelConfig
 from tinytron.model.gpt import GPT, cross_entropy_loss
+from tinytron.training.config import OptimConfig
+from tinytron.training.muon import muon_optimizer
 
 BATCH, SEQ, WARMUP, STEPS = 2, 128, 2, 8
 CONFIG = ModelConfig(vocab_size=8192, num_layer=4, num_attention_heads=4, num_key_value_heads=2,
                      hidden_size=512, intermediate_size=1408, block_size=SEQ)
-ENGINES = {"zero1": "ZeRO-1 (default)", "fsdp": "--fsdp (FSDP2)"}
+ENGINES = {"zero1": "ZeRO-1 (default)", "fsdp": "--fsdp (FSDP2)", "fsdp_muon": "--fsdp --optimizer muon"}
 COLLECTIVES = (("all_reduce", 0), ("all_to_all_single", 1),   # gloo's reduce-scatter in ZeRO-1
                ("reduce_scatter_single", 1), ("reduce_scatter_tensor", 1),
                ("all_gather_single", 0), ("all_gather_into_tensor", 0))
@@ -55,6 +62,10 @@ def _count_collectives(counts: collections.Counter) -> None:
                 kwargs[k] for k in (("output_tensor", "output") if full_arg == 0 else ("input_tensor", "input"))
                 if k in kwargs)
             counts[KIND[name]] += full.nbytes
+            if KIND[name] == "all_to_all":   # Muon's uneven splits: all but this rank's own, exactly
+                splits = args[3] if len(args) > 3 else kwargs["input_split_sizes"]
+                own = splits[dist.get_rank(kwargs.get("group"))] * full.element_size()
+                counts["all_to_all wire"] += full.nbytes - own
             return fn(*args, **kwargs)
         return wrapper
     for name, full_arg in COLLECTIVES:
@@ -66,12 +77,15 @@ def _build(engine: str):
     """(model, optimizer) of one engine: the same weights on every rank and engine."""
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    if engine == "fsdp":
+    if engine.startswith("fsdp"):
         apply_fsdp(model, dist.group.WORLD, ps.get_dp_group(), ps.get_dp_size(), bf16=False)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    if engine == "fsdp":
-        return model, FSDPOptimizer(adamw, model, dist.group.WORLD)
-    return model, DistributedOptimizer(adamw, model)
+    if engine == "fsdp_muon":   # the Trainer's split: Muon on the blocks' matrices, AdamW on the rest
+        optimizer = muon_optimizer(model, OptimConfig(optimizer="muon", max_lr=1e-4), fused=False)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    if engine.startswith("fsdp"):
+        return model, FSDPOptimizer(optimizer, model, dist.group.WORLD)
+    return model, DistributedOptimizer(optimizer, model)
 
 
 def _step(model, opt, data: torch.Tensor) -> float:
@@ -100,16 +114,19 @@ def _data(rank: int) -> torch.Tensor:
     return torch.randint(0, CONFIG.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(rank))
 
 
-def _interleaved():
-    """Both engines, taking turns: step times, bytes per step, resident state."""
+def _interleaved(names: list[str]):
+    """The engines `names`, taking turns: step times, bytes per step, resident state."""
     ps.initialize_parallel_state(1)
     counts = collections.Counter()
     _count_collectives(counts)
-    engines = {name: _build(name) for name in ENGINES}
+    engines = {name: _build(name) for name in names}
     data = _data(dist.get_rank())
     seconds, per_step, state = collections.defaultdict(list), {}, {}
     for i in range(WARMUP + STEPS):
         for name, (model, opt) in engines.items():
+            # ZeRO-1's gloo reduce-scatter is an all-to-all (grad_buffer.reduce_scatter); FSDP2
+            # calls none, so under FSDP every all-to-all is Muon's.
+            KIND["all_to_all_single"] = "all_to_all" if name.startswith("fsdp") else "reduce_scatter"
             counts.clear()
             dist.barrier()
             t = _step(model, opt, data)
@@ -142,24 +159,28 @@ def _peak(engine: str) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    names = parser.parse_args().engines
     # A fixed mmap threshold (glibc): every tensor over 128 KiB is mmapped and returned to the OS
     # when freed, so the resident set follows the live tensors (set before the ranks start).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     rows = []
     for world in (2, 4):
-        r = run_distributed(_interleaved, world)[0]
-        peaks = {name: max(run_distributed(_peak, world, name)) for name in ENGINES}
-        for name, label in ENGINES.items():
-            b = r["bytes"][name]
-            wire = sum((world - 1) / world * v * (2 if op == "all_reduce" else 1) for op, v in b.items())
+        r = run_distributed(_interleaved, world, names)[0]
+        peaks = {name: max(run_distributed(_peak, world, name)) for name in names}
+        for name in names:
+            b, label = dict(r["bytes"][name]), ENGINES[name]
+            wire = b.pop("all_to_all wire", 0) + sum((world - 1) / world * v * (2 if op == "all_reduce" else 1)
+                                                     for op, v in b.items() if op != "all_to_all")
             ops = ", ".join(f"{op} {v / 2**20:.2f}" for op, v in sorted(b.items()))
             rows.append(f"| {world} | {label} | {r['state'][name] / 2**20:.2f} | {peaks[name]:.0f} "
                         f"| {r['ms'][name]:.0f} | {ops} | {wire / 2**20:.2f} |")
     print(f"GPT {r['numel'] / 1e6:.2f}M params (fp32), gloo, CPU, 1 thread per rank, batch {BATCH} x {SEQ} "
           f"tokens per rank; medians of {STEPS} interleaved steps after {WARMUP} warm-up")
     print(f"machine: {cpu_name()}, {platform.system()}; torch {torch.__version__}; "
-          "command: python -m benchmarks.fsdp\n")
-    print("| world | engine | params + grads + AdamW MiB per rank | peak RSS MiB per rank | step ms "
+          f"command: python -m benchmarks.fsdp --engines {' '.join(names)}\n")
+    print("| world | engine | params + grads + optimizer state MiB per rank | peak RSS MiB per rank | step ms "
           "| collective buffers per step (MiB) | ring wire MiB per rank |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -258,7 +258,7 @@ def test_clipping_acts_on_every_step(runs):
     assert_same(runs["dense dp2"], runs["ref dense"], 1e-5, "clipped")
 
 
-@pytest.mark.parametrize("flags", [["--no-use_distributed_optimizer"], ["--optimizer", "muon"]])
+@pytest.mark.parametrize("flags", [["--no-use_distributed_optimizer"]])   # --optimizer muon: tests/test_fsdp_muon.py
 def test_unsupported_combinations_are_one_line_errors(tmp_path, flags):
     config = tiny_config(tmp_path, "--fsdp", *flags)
     with pytest.raises(ConfigError, match=f"--fsdp .*{flags[0]}") as error:

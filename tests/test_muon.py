@@ -77,10 +77,11 @@ def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
     return x.T if grad.size(0) > grad.size(1) else x
 
 
-def reference(flags: list[str], log_dir: str) -> tuple[dict, dict]:
+def reference(flags: list[str], log_dir: str, history: list | None = None) -> tuple[dict, dict]:
     """({name: weight}, {name: {state key: tensor}}) after STEPS steps of single-process
     torch.optim.Muon + torch.optim.AdamW: the optimizer state read from torch's optimizers (a
-    stacked expert weight's Muon momentum: its experts' buffers stacked), not through any save."""
+    stacked expert weight's Muon momentum: its experts' buffers stacked), not through any save.
+    history: if given, each step's (loss, aux loss, grad norm before clipping) is appended."""
     cfg = tiny_config(log_dir, *flags)
     t, o = cfg.training, cfg.optim
     torch.manual_seed(t.seed)
@@ -110,6 +111,10 @@ def reference(flags: list[str], log_dir: str) -> tuple[dict, dict]:
         loss = out.loss_sum / batch[:, 1:].numel() + out.aux_loss
         model.zero_grad()
         loss.backward()
+        if history is not None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            lm = out.loss_sum.detach() / batch[:, 1:].numel()
+            history.append((lm.item(), out.aux_loss.detach().item(), norm.item()))
         if t.grad_clip_value:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_value)
         for p, e, view in stacked:

@@ -8,6 +8,8 @@ A state is a flat dict {key: value}; a value is
                    of shape `global_shape` (one ZeRO-1 piece of a flattened parameter's state, one
                    expert-parallel rank's experts); a block that several ranks pass (the experts
                    of the DP replicas) is written by one of them;
+    [Chunk, ...]   several blocks of the same tensor (the Muon momenta of the experts a rank owns
+                   under --fsdp, which need not be adjacent);
     anything else  a small picklable object (hyper-parameters), read back with weights_only=True.
 A folder holds one DCP checkpoint: `.metadata` (the global shape, dtype and saved chunks of every
 tensor; written by the coordinator) and `__<rank>_0.distcp` (what that rank wrote). On load, each
@@ -65,10 +67,10 @@ class _ChunkSavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
     def create_local_plan(self) -> SavePlan:
-        plain = {k: v for k, v in self.state_dict.items() if not isinstance(v, Chunk)}
+        plain = {k: v for k, v in self.state_dict.items() if not _chunks(v)}
         items = create_default_local_save_plan(plain, self.is_coordinator).items
-        for key, c in self.state_dict.items():
-            if isinstance(c, Chunk):
+        for key, value in self.state_dict.items():
+            for c in _chunks(value):
                 offsets = torch.Size(c.offsets)
                 items.append(WriteItem(
                     index=MetadataIndex(key, offsets), type=WriteItemType.SHARD,
@@ -81,7 +83,7 @@ class _ChunkSavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex):
         value = self.state_dict[index.fqn]
-        return value.tensor if isinstance(value, Chunk) else super().lookup_object(index)
+        return _chunk_at(value, index).tensor if _chunks(value) else super().lookup_object(index)
 
 
 class _ChunkLoadPlanner(DefaultLoadPlanner):
@@ -100,25 +102,37 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         saved = self.metadata.state_dict_metadata
-        plain = {k: v for k, v in self.state_dict.items() if not isinstance(v, Chunk)}
+        plain = {k: v for k, v in self.state_dict.items() if not _chunks(v)}
         items = create_default_local_load_plan(plain, self.metadata, strict=True).items
-        for key, c in self.state_dict.items():
-            if not isinstance(c, Chunk):
-                continue
-            md = saved.get(key)
-            if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(c.global_shape):
-                raise ValueError(f"{key}: the checkpoint holds {getattr(md, 'size', 'no tensor')}, "
-                                 f"expected a tensor of shape {tuple(c.global_shape)}")
-            items += create_read_items_for_chunk_list(
-                key, md, [ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=c.tensor.size())])
+        for key, value in self.state_dict.items():
+            for c in _chunks(value):
+                md = saved.get(key)
+                if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(c.global_shape):
+                    raise ValueError(f"{key}: the checkpoint holds {getattr(md, 'size', 'no tensor')}, "
+                                     f"expected a tensor of shape {tuple(c.global_shape)}")
+            if _chunks(value):
+                items += create_read_items_for_chunk_list(key, md, [
+                    ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=c.tensor.size()) for c in _chunks(value)])
         return LoadPlan(items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         value = self.state_dict[index.fqn]
-        return value.tensor if isinstance(value, Chunk) else super().lookup_tensor(index)
+        return _chunk_at(value, index).tensor if _chunks(value) else super().lookup_tensor(index)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def _chunks(value) -> list[Chunk]:
+    """The Chunks of a state value (a Chunk or a list of them); [] for any other value."""
+    if isinstance(value, Chunk):
+        return [value]
+    return value if isinstance(value, list) and value and all(isinstance(c, Chunk) for c in value) else []
+
+
+def _chunk_at(value, index: MetadataIndex) -> Chunk:
+    """The Chunk of `value` that starts at index.offset (DCP names a block by its offsets)."""
+    return next(c for c in _chunks(value) if torch.Size(c.offsets) == index.offset)
 
 
 def _no_dist(group) -> bool:

@@ -243,12 +243,15 @@ class ConfigError(ValueError):
 # other model field, and these training fields, would change what a step or a sequence is.
 _RESUMABLE_MODEL_FIELDS = {"dropout", "block_size", "moe_aux_loss_coeff", "moe_z_loss_coeff"}
 _FIXED_TRAINING_FIELDS = {"seq_len", "total_batch_size", "seed"}
+# AdamW's and Muon's states hold other tensors for the block matrices: a checkpoint of one does not
+# resume the other (under ZeRO-1 and --fsdp alike), rather than starting half the state fresh.
+_FIXED_OPTIM_FIELDS = {"optimizer"}
 
 
 def resume_changes(saved: dict, cfg: Config, source: str) -> list[str]:
     """Compare the config a checkpoint was saved with (Config.to_dict()) with this run's.
     A change that would corrupt the run (model shape, vocabulary, --seq_len, --total_batch_size,
-    --seed) raises ConfigError naming the flag and both values; -> "--flag old -> new" for each
+    --seed, --optimizer) raises ConfigError naming the flag and both values; -> "--flag old -> new" for each
     other changed flag (the flags win: hyper-parameters, schedule, cadences, layout)."""
     changes = []
     for section, values in cfg.to_dict().items():
@@ -259,7 +262,8 @@ def resume_changes(saved: dict, cfg: Config, source: str) -> list[str]:
             if (tuple(old) if isinstance(old, list) else old) == value:
                 continue
             if (section == "model" and name not in _RESUMABLE_MODEL_FIELDS) or \
-                    (section == "training" and name in _FIXED_TRAINING_FIELDS):
+                    (section == "training" and name in _FIXED_TRAINING_FIELDS) or \
+                    (section == "optim" and name in _FIXED_OPTIM_FIELDS):
                 raise ConfigError(f"--{name} {value} differs from {old} in the checkpoint {source}: "
                                   f"it cannot change on resume")
             changes.append(f"--{name} {old} -> {value}")
@@ -304,9 +308,6 @@ def validate_config(cfg: Config, world_size: int) -> int:
         kv_heads_to_send(m.num_key_value_heads, sep)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if p.fsdp and o.optimizer == "muon":
-        raise ConfigError("--fsdp does not support --optimizer muon (Muon updates whole matrices, FSDP2 shards "
-                          "them by rows): drop one of them")
     if p.fsdp and not o.use_distributed_optimizer:
         raise ConfigError("--fsdp shards the optimizer state itself: drop --no-use_distributed_optimizer")
     if cfg.logging.log_expert_load and not m.use_moe:

@@ -2,7 +2,7 @@
 the library of `tinytron-plan` (tinytron/commands/plan.py).
 
 `plan` reports, for one rank: parameters, gradients and optimizer state (AdamW; with --optimizer
-muon, AdamW + Muon, each Muon matrix owned by one rank under ZeRO-1) (ZeRO-1 on and off, and with
+muon, AdamW + Muon, each Muon matrix owned by one rank under ZeRO-1 and --fsdp) (ZeRO-1 on and off, and with
 --fsdp FSDP2's shards and its buffers in flight: `fsdp_state_bytes`; MoE experts split over the
 expert-parallel = SEP group), the bf16 weight copies autocast keeps for backward, and
 the activations of one micro-batch for each --activation_checkpointing mode, at --sep_size 1 and at
@@ -29,6 +29,8 @@ import types
 
 import torch
 
+from tinytron.distributed.fsdp.muon import matrices as fsdp_matrices
+from tinytron.distributed.fsdp.muon import split_sizes
 from tinytron.distributed.sequence_parallel.ulysses import kv_heads_to_send
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
@@ -42,16 +44,17 @@ GiB = 2**30
 MODES = ("none", "selective", "full")
 
 
-def _buffer_order(cfg: Config, trainer_cls=Trainer) -> tuple[list[torch.nn.Parameter], set]:
+def _buffer_order(cfg: Config, trainer_cls=Trainer) -> tuple[list[torch.nn.Parameter], dict]:
     """The parameters of GPT(cfg.model), built on the meta device (no memory), that the
     trainer's `_init_optimizer` lists, in flat-buffer order (DistributedOptimizer packs them in
-    reverse model order), and the set of those in "whole_matrices" groups (Muon's)."""
+    reverse model order), and those in "whole_matrices" groups (Muon's): the keys of a dict, in
+    the groups' order."""
     with torch.device("meta"):
         model = GPT(cfg.model)
     fake = types.SimpleNamespace(model=model, config=cfg, device=torch.device("meta"))
     optimizer = trainer_cls._init_optimizer(fake)
     listed = {p for g in optimizer.param_groups for p in g["params"]}
-    whole = {p for g in optimizer.param_groups if g.get("whole_matrices") for p in g["params"]}
+    whole = dict.fromkeys(p for g in optimizer.param_groups if g.get("whole_matrices") for p in g["params"])
     return [p for p in reversed(list(model.parameters())) if p in listed], whole
 
 
@@ -97,14 +100,15 @@ def state_bytes(cfg: Config, world_size: int, zero1: bool, trainer_cls=Trainer) 
 
 
 def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[dict]:
-    """Exact bytes of parameters, gradients and AdamW state on each global rank under --fsdp, and
+    """Exact bytes of parameters, gradients and optimizer state on each global rank under --fsdp, and
     the FSDP2 buffers in flight ("in_flight", an estimate).
 
     Every param is sharded on dim 0 over its group (dense: the world; experts, this SEP rank's
     1/ep of them: the DP group, dp rank = rank // sep), torch.chunk's split: c = ceil(rows / N)
     rows per rank. FSDP2 pads every rank's parameter and gradient shard to c rows; AdamW's
     exp_avg and exp_avg_sq (fp32) hold the rank's real rows only (fewer or none on the last
-    ranks), plus one 4-byte `step` per parameter.
+    ranks), plus one 4-byte `step` per parameter. Muon's matrices (--optimizer muon): one
+    momentum buffer per element of the whole matrices a rank owns (distributed/fsdp/muon.py).
     In flight (fp32, or bf16 for the blocks under --precision bf16): the root (embedding, final
     norm, head) stays gathered through forward and backward with its fp32 grads; two blocks'
     params (the one running and the prefetched next) and one block's unsharded grads plus their
@@ -113,7 +117,8 @@ def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[
     sep = cfg.parallel.sep_size
     ep = sep if cfg.model.use_moe else 1
     out = [{"params": 0, "grads": 0, "optimizer": 0} for _ in range(world_size)]
-    for p in _buffer_order(cfg, trainer_cls)[0]:
+    order, whole = _buffer_order(cfg, trainer_cls)
+    for p in order:
         is_expert = getattr(p, "is_expert", False)
         size = world_size // sep if is_expert else world_size
         rows = p.shape[0] // (ep if is_expert else 1)
@@ -122,7 +127,10 @@ def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[
             r = rank // sep if is_expert else rank
             rank_bytes["params"] += c * row * p.element_size()
             rank_bytes["grads"] += c * row * p.element_size()
-            rank_bytes["optimizer"] += 2 * max(0, min(c, rows - r * c)) * row * p.element_size() + 4
+            if p not in whole:
+                rank_bytes["optimizer"] += 2 * max(0, min(c, rows - r * c)) * row * p.element_size() + 4
+    for rank, buffers in enumerate(fsdp_muon_buffer_bytes(cfg, world_size, trainer_cls)):
+        out[rank]["optimizer"] += buffers.pop("momentum")
     m, a = cfg.model, 2 if cfg.training.precision == "bf16" else 4
     C, D, H, Kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
     mlp = (m.num_experts // ep) * 3 * C * m.moe_intermediate_size + C * m.num_experts if m.use_moe \
@@ -135,6 +143,35 @@ def fsdp_state_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[
     in_flight = 8 * root + 2 * a * block + (a + 4) * block + (4 * total if accum else 0)
     for rank_bytes in out:
         rank_bytes["in_flight"] = in_flight
+    return out
+
+
+def fsdp_muon_buffer_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[dict]:
+    """Per global rank under --fsdp --optimizer muon: the momentum of the matrices it owns and the
+    transient buffers of one step (distributed/fsdp/muon.py), exact: "send" / "recv" (the
+    gather's grad and param rows), "whole" (the owned matrices' whole grads and params), then
+    "back_send" / "back_recv" (the updated rows returned). All zero without Muon."""
+    sep, whole = cfg.parallel.sep_size, _buffer_order(cfg, trainer_cls)[1]
+    ep = sep if cfg.model.use_moe else 1
+    out = [dict.fromkeys(("momentum", "send", "recv", "whole", "back_send", "back_recv"), 0)
+           for _ in range(world_size)]
+    for is_expert in (False, True):
+        params = [p for p in whole if getattr(p, "is_expert", False) == is_expert]
+        if not params:
+            continue
+        item = params[0].element_size()
+        shapes = [(p.shape[0] // (ep if is_expert else 1), *p.shape[1:]) for p in params]
+        ms = fsdp_matrices(shapes, world_size // sep if is_expert else world_size)
+        for rank, b in enumerate(out):
+            me = rank // sep if is_expert else rank
+            to_each, from_each = split_sizes(ms, me)
+            owned = sum(m.height * m.row for m in ms if m.owner == me)
+            b["momentum"] += owned * item
+            b["whole"] += 2 * owned * item
+            b["send"] += 2 * sum(from_each) * item      # grad and param rows to each owner
+            b["recv"] += 2 * sum(to_each) * item        # ... of my matrices, from each rank
+            b["back_send"] += sum(to_each) * item       # updated rows back to each rank
+            b["back_recv"] += sum(from_each) * item
     return out
 
 
@@ -252,9 +289,12 @@ def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = 
         for s in seps:
             states[s, "fsdp"] = max(fsdp_state_bytes(_with_sep(cfg, s), world_size, trainer_cls),
                                     key=lambda b: b["optimizer"] + b["params"])
+    transient = muon_step_bytes(cfg, trainer_cls)   # Muon: one matrix's update at a time
+    if fsdp:   # and the gather's buffers (muon.py), all live at its end: the largest rank's
+        buffers = fsdp_muon_buffer_bytes(cfg, world_size, trainer_cls)
+        transient += max(b["send"] + b["recv"] + b["whole"] for b in buffers)
     out = {"states": states, "seps": seps, "engines": (True, False, "fsdp") if fsdp else (True, False),
-           "engine": "fsdp" if fsdp else zero1, "fsdp": fsdp,
-           "step_transient": muon_step_bytes(cfg, trainer_cls)}   # Muon: one matrix's update at a time
+           "engine": "fsdp" if fsdp else zero1, "fsdp": fsdp, "step_transient": transient}
     workspace = (CUDA_WORKSPACE_BYTES if device == "cuda" else 0) + SMALL_TENSORS_BYTES
     for s in seps:
         for mode in MODES:
@@ -296,7 +336,8 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
             "".join(f"{states[s, z].get(key, 0) / GiB:>{w}.3f}" for z, w in zip(b["engines"], (18, 8, 8)))
             for s in seps))
     if muon:
-        lines.append(f"  {'Muon step transient':<25}{b['step_transient'] / GiB:>18.3f}  (the largest matrix's update)")
+        lines.append(f"  {'Muon step transient':<25}{b['step_transient'] / GiB:>18.3f}  (the largest matrix's update"
+                     + (", + FSDP's whole-matrix gather)" if fsdp else ")"))
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
               "  sep  checkpointing     saved           transient  bf16 weight copies  largest --batch_size"]

@@ -13,7 +13,8 @@ The learning-rate adjustment defaults to Moonlight's `match_rms_adamw` (update R
 AdamW's, lr x 0.2 sqrt(max(rows, cols))), so --muon_lr 0 (the default) reuses --max_lr, as
 Moonlight does; `original` is the Muon post's sqrt(max(1, rows / cols)), with lr ~ 0.02. Weight
 decay is decoupled, on the matrices. Under ZeRO-1 each matrix is owned by one rank
-(distributed/zero1/whole_matrices.py).
+(distributed/zero1/whole_matrices.py); under --fsdp too, gathered whole from FSDP2's row shards
+for the step and handed back (distributed/fsdp/muon.py).
 """
 
 from collections import defaultdict
@@ -84,6 +85,6 @@ def muon_optimizer(model: torch.nn.Module, o: OptimConfig, fused: bool) -> MuonW
                             lr=muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum,
                             nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps, adjust_lr_fn=o.muon_adjust_lr)
     stacked = [p for p in hidden if p.dim() == 3]
-    if stacked:   # Muon's constructor takes 2-D tensors only; DistributedOptimizer hands it each expert's matrix
+    if stacked:   # Muon's constructor takes 2-D tensors only; ZeRO-1 and FSDP hand it each expert's matrix
         muon.param_groups[0]["params"] += stacked
     return MuonWithAdamW(muon, adamw)

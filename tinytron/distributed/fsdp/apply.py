@@ -65,12 +65,18 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not hasattr(t, "device_mesh"):
         return t, 0
     mesh, local = t.device_mesh, t.to_local()
-    size, rank = mesh.size(), mesh.get_local_rank()
-    rows = t.shape[0]
-    start = min(rank * -(-rows // size), rows)
-    if local.shape[0] != min(-(-rows // size), rows - start):
+    start, end = shard_rows(t.shape[0], mesh.size(), mesh.get_local_rank())
+    if local.shape[0] != end - start:
         raise ValueError(f"unexpected DTensor layout {t.placements} of a {tuple(t.shape)} tensor")
     return local, start
+
+
+def shard_rows(rows: int, size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the dim-0 rows that rank `rank` of `size` holds of a `rows`-row tensor under
+    Shard(0) (torch.chunk's split: ceil(rows / size) rows each, the last ranks fewer or none)."""
+    per_rank = -(-rows // size)
+    start = min(rank * per_rank, rows)
+    return start, min(start + per_rank, rows)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

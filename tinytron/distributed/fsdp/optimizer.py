@@ -9,6 +9,8 @@ DTensors too: sharded like the params). What is left here:
                grads and accumulates them; the last backward reduce-scatters their sum)
   clip_grad_norm  the global norm from the local shards with ONE scalar all-reduce
   save / load  the optimizer state in ZeRO-1's checkpoint layout (state.py)
+  step         a "whole_matrices" group (Muon's, --optimizer muon) is stepped on whole matrices,
+               each on its owner rank, gathered from and returned to the shards (muon.py)
 """
 
 import contextlib
@@ -19,6 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from tinytron.distributed.fsdp import state
+from tinytron.distributed.fsdp.muon import WholeMatrices
 
 
 class FSDPOptimizer:
@@ -47,6 +50,9 @@ class FSDPOptimizer:
                     raise ValueError(f"optimizer parameter of shape {tuple(p.shape)} is not a sharded "
                                      "parameter of the model (create the optimizer after apply_fsdp)")
             self._group_names.append([self._names[p] for p in group["params"]])
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Muon's groups: from here on they hold the whole matrices this rank owns (muon.py).
+        self._whole = WholeMatrices(optimizer)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -54,7 +60,8 @@ class FSDPOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self._params:
+            p.grad = None
 
     @contextlib.contextmanager
     def micro_step(self, last: bool):
@@ -73,7 +80,7 @@ class FSDPOptimizer:
         grads over the world, expert shards one expert-parallel rank's experts over its DP group,
         and the expert-parallel ranks hold different experts: one all-reduce of the local sums of
         squares over the world counts every element once."""
-        grads = [p.grad.to_local() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad.to_local() for p in self._params if p.grad is not None]
         sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
         if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(sq, group=self.process_group)
@@ -84,7 +91,9 @@ class FSDPOptimizer:
         return norm
 
     def step(self) -> None:
+        self._whole.gather()   # nothing without a whole_matrices group
         self.optimizer.step()
+        self._whole.scatter()
 
     def finish_param_gather(self) -> None:
         """Nothing in flight between steps: FSDP2 gathers params inside each forward and frees

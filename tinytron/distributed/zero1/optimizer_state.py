@@ -136,9 +136,7 @@ class OptimizerStateMixin:
         piece of param p from flat element `start`), local_state(q, p, start): its state, or None.
         Re-expressed as the wrapped optimizer's own state_dict (params numbered in group order)
         so that its load_state_dict does the casting and checks it always does."""
-        if [set(g["params"]) for g in saved_groups] != [set(n) for n in self._group_names]:
-            raise ValueError("optimizer state's param groups do not hold the same parameter names "
-                             "as this optimizer's")
+        check_same_groups(saved_groups, self._group_names)
         state, groups, index = {}, [], 0
         for group, saved in zip(self.optimizer.param_groups, saved_groups):
             ids = []
@@ -258,6 +256,14 @@ def saved_param_groups(optimizer: torch.optim.Optimizer, group_names: list[list[
     the "param_groups" of a saved state, whatever the engine."""
     return [dict(copy.deepcopy({k: v for k, v in g.items() if k not in ("params", "param_names")}),
                  params=names) for g, names in zip(optimizer.param_groups, group_names)]
+
+
+def check_same_groups(saved_groups: list[dict], group_names: list[list[str]]) -> None:
+    """ValueError unless the saved param groups hold the same parameter names, group by group,
+    as an optimizer whose groups hold `group_names` (whatever the engine)."""
+    if [set(g["params"]) for g in saved_groups] != [set(n) for n in group_names]:
+        raise ValueError("optimizer state's param groups do not hold the same parameter names "
+                         "as this optimizer's")
 
 
 def read_state_dict(directory: str) -> dict:

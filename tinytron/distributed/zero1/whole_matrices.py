@@ -40,10 +40,7 @@ def owner_layout(numels: list[int], bucket_numel: int, size: int
     start = total = 0
 
     def close() -> int:
-        owner_of = {}
-        for i in current:
-            owner_of[i] = min(range(size), key=lambda r: (owned[r], r))
-            owned[owner_of[i]] += numels[i]
+        owner_of = dict(zip(current, greedy_owners([numels[i] for i in current], owned)))
         lo, bounds = start, []
         for r in range(size):
             hi = lo
@@ -64,6 +61,16 @@ def owner_layout(numels: list[int], bucket_numel: int, size: int
         total += n
     close()
     return offsets, buckets, members, segments
+
+
+def greedy_owners(numels: list[int], owned: list[int]) -> list[int]:
+    """The owner of each tensor of `numels` elements, in order: the rank that owns the fewest
+    elements so far (`owned`, one count per rank, updated in place; ties: the lowest rank)."""
+    owners = []
+    for n in numels:
+        owners.append(min(range(len(owned)), key=lambda r: (owned[r], r)))
+        owned[owners[-1]] += n
+    return owners
 
 
 class Works:

@@ -1,0 +1,180 @@
+"""--fsdp --optimizer muon (distributed/fsdp/muon.py: each Muon matrix gathered whole on its owner,
+stepped by torch.optim.Muon, returned to FSDP2's row shards) against the single-process
+torch.optim.Muon + AdamW reference of tests/test_muon.py and against ZeRO-1's Muon on the same
+layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the plan's bytes exact.
+
+Layouts (5 steps, gradient accumulation: 16 sequences of a step over dp 2 x micro-batch 2): world 2
+dense dp 2 (--num_workers 2, the default; resumed at step 3 on the same layout) and MoE sep 2 (each
+rank's experts over a DP group of one); world 4 dp 2 x sep 2 dense and MoE (experts split over
+SEP, each rank's 2 sharded over its DP pair and owned by whichever rank the greedy rule picks), the
+MoE also under ZeRO-1. Interchange: ZeRO-1 MoE at sep 2 (world 2) resumed with --fsdp at dp 2 x
+sep 2 (world 4: each owner reads its experts' momenta), and --fsdp dense at dp 2 (world 2) resumed
+with ZeRO-1 at dp 2 x sep 2 (world 4).
+
+Newton-Schulz in fp32 on both sides (test_muon's `newton_schulz_fp32`, patched into torch.optim.Muon),
+as test_muon's parity runs: torch's bf16 iteration turns a one-ulp difference in a gradient (another
+summation order: FSDP's reduce-scatter, the micro-batch split) into 1e-3..1e-2 relative weight
+differences, below which no layout can be compared. In fp32 the layouts differ from the reference
+by summation order only: 1e-5 relative (measured here: weights <= 2.4e-6, the saved momenta and
+AdamW moments <= 4e-7, on every run; a planted bug, one owner's rows in the wrong order, moves
+them by far more and fails every parity test), the optimizer state's step counts exactly.
+Two spawned jobs (world 2, then world 4, which resumes world-2 checkpoints) serve all tests.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.dist_helper import run_distributed
+from tests.test_muon import MOE, MUON, STEPS, _resume_at_step_3, _saved_state, _weights, newton_schulz_fp32, reference
+from tests.test_parallel_training import RecordingTrainer, assert_same
+from tests.test_plan import measured_state
+from tests.utils import rel, tiny_config
+from tinytron.training.config import ConfigError, resume_changes, validate_config
+from tinytron.training.memory import fsdp_muon_buffer_bytes, fsdp_state_bytes
+
+# --num_workers 2 (the default) in the first run only: DataLoader workers start in ~25 s per run on
+# the 2-core CI machine, and the data order does not depend on them (tests/test_sampler.py).
+FSDP = ["--fsdp"]
+WORKERS = ["--num_workers", "2"]
+SEP2 = ["--sep_size", "2"]
+# name -> (flags, a run of an earlier job whose step-3 checkpoint it resumes, or None)
+WORLD2 = {
+    "dense dp2": (MUON + FSDP + WORKERS, None),
+    "dense dp2 resumed": (MUON + FSDP, "dense dp2"),                  # same layout: bitwise
+    "moe sep2": (MOE + FSDP + SEP2, None),     # experts over a DP group of 1: all owned locally
+    "moe sep2 zero1": (MOE + SEP2, None),
+}
+WORLD4 = {
+    "dense dp2 sep2": (MUON + FSDP + SEP2, None),
+    "moe dp2 sep2": (MOE + FSDP + SEP2, None),
+    "moe dp2 sep2 zero1": (MOE + SEP2, None),
+    "moe dp2 sep2 from zero1 sep2": (MOE + FSDP + SEP2, "moe sep2 zero1"),   # ZeRO-1 w2 -> FSDP w4
+    "dense dp2 sep2 zero1 from dp2": (MUON + SEP2, "dense dp2"),            # FSDP w2 -> ZeRO-1 w4
+}
+
+
+def _run(log_dir: str, layouts: dict, sources: dict) -> dict:
+    """{name: (history [steps, 3], run folder, this rank's measured state bytes, its last step's
+    Muon buffer bytes under FSDP)} for every layout, in this world."""
+    torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
+    out = {}
+    for i, (name, (flags, source)) in enumerate(layouts.items()):
+        resume = ["--resume_path", _resume_at_step_3((out.get(source) or sources[source])[1])] if source else []
+        trainer = RecordingTrainer(tiny_config(f"{log_dir}/{i}", *flags, *resume))
+        trainer.history, trainer.val_history = [], []
+        trainer.train()
+        whole = getattr(trainer.optimizer, "_whole", None)
+        out[name] = (np.array(trainer.history), trainer.run_dir, measured_state(trainer),
+                     dict(whole.transient) if whole else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: per-rank results} of every layout of both worlds."""
+    base = tmp_path_factory.mktemp("fsdp_muon")
+    w2 = run_distributed(_run, 2, str(base / "w2"), WORLD2, {})
+    w4 = run_distributed(_run, 4, str(base / "w4"), WORLD4, w2[0])
+    return {name: [rank[name] for rank in world] for world in (w2, w4) for name in world[0]}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """{"dense"/"moe": (history, weights, state)}: the single-process reference, fp32 Newton-Schulz."""
+    out, base = {}, tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", newton_schulz_fp32)
+        for key, flags in (("dense", MUON), ("moe", MOE)):
+            history = []
+            weights, state = reference(flags, str(base / key), history)
+            out[key] = (np.array(history), weights, state)
+    return out
+
+
+def _assert_weights(run_dir: str, want: dict, tol: float, what: str) -> None:
+    got = _weights(run_dir)
+    assert got.keys() == want.keys(), what
+    for name, value in want.items():
+        err = rel(got[name], value)
+        assert err <= tol, (what, name, err)
+
+
+def _assert_state(got: dict, want: dict, tol: float, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for param, st in want.items():
+        assert got[param].keys() == st.keys(), (what, param)
+        for key, value in st.items():
+            err = rel(got[param][key], value)
+            assert err <= (0 if key == "step" else tol), (what, param, key, err)
+
+
+@pytest.mark.parametrize("name", ["dense dp2", "moe sep2", "dense dp2 sep2", "moe dp2 sep2"])
+def test_fsdp_muon_matches_single_process_torch_muon(runs, references, name):
+    """Losses, aux losses and grad norms of every step, the weights and the saved optimizer state
+    (Muon's momentum of every matrix, written by its owner; AdamW's moments and steps) equal the
+    single-process torch.optim.Muon + AdamW reference's within 1e-5 (see the module docstring)."""
+    history, run_dir = runs[name][0][:2]
+    want_history, want, want_state = references["moe" if "moe" in name else "dense"]
+    assert len(history) == STEPS
+    assert_same((history, np.zeros(0)), (want_history, np.zeros(0)), 1e-5, name)
+    _assert_weights(run_dir, want, 1e-5, name)
+    _assert_state(_saved_state(run_dir), want_state, 1e-5, name)
+    assert want_history[-1, 0] < want_history[0, 0]   # it trained
+
+
+def test_fsdp_muon_matches_zero1_muon_same_layout(runs):
+    """MoE at dp 2 x sep 2: FSDP's statistics, weights and every saved state tensor (same DCP keys
+    and global shapes: one checkpoint format) equal ZeRO-1 Muon's within 1e-5 (summation order)."""
+    fsdp, zero1 = runs["moe dp2 sep2"][0], runs["moe dp2 sep2 zero1"][0]
+    assert_same((fsdp[0], np.zeros(0)), (zero1[0], np.zeros(0)), 1e-5)
+    _assert_weights(fsdp[1], _weights(zero1[1]), 1e-5, "fsdp vs zero1")
+    _assert_state(_saved_state(fsdp[1]), _saved_state(zero1[1]), 1e-5, "fsdp vs zero1")
+
+
+def test_fsdp_muon_same_layout_resume_is_bitwise(runs):
+    """Dense dp 2 resumed at step 3 under --fsdp: steps 3-4, the weights and the saved state
+    (each owner's momentum read back into its whole matrix) bitwise the uninterrupted run's."""
+    got, ref = runs["dense dp2 resumed"][0], runs["dense dp2"][0]
+    assert np.array_equal(got[0], ref[0][3:])
+    _assert_weights(got[1], _weights(ref[1]), 0.0, "resumed")
+    _assert_state(_saved_state(got[1]), _saved_state(ref[1]), 0.0, "resumed")
+
+
+@pytest.mark.parametrize("name", ["moe dp2 sep2 from zero1 sep2", "dense dp2 sep2 zero1 from dp2"])
+def test_muon_checkpoints_interchange_with_zero1(runs, references, name):
+    """ZeRO-1 Muon at world 2 (sep 2) resumed with --fsdp at world 4 (dp 2 x sep 2), and --fsdp at
+    world 2 (dp 2) resumed with ZeRO-1 at world 4: steps 3-4 and the final weights equal the
+    uninterrupted reference's within 1e-5."""
+    history, run_dir = runs[name][0][:2]
+    want_history, want, _ = references["moe" if "moe" in name else "dense"]
+    assert_same((history, np.zeros(0)), (want_history[3:], np.zeros(0)), 1e-5, name)
+    _assert_weights(run_dir, want, 1e-5, name)
+
+
+@pytest.mark.parametrize("name", ["dense dp2", "moe sep2", "dense dp2 sep2", "moe dp2 sep2"])
+def test_plan_counts_fsdp_muon_bytes_exactly(runs, name):
+    """Every rank's params, grads and optimizer state (AdamW's shards + the momentum of the
+    matrices it owns) and the buffers of its last Muon step (the gather's send / recv and whole
+    matrices, the return's send / recv) equal the plan's, byte for byte."""
+    world = len(runs[name])
+    cfg = tiny_config("/unused", *(WORLD2 if world == 2 else WORLD4)[name][0])
+    planned_state, planned_buffers = fsdp_state_bytes(cfg, world), fsdp_muon_buffer_bytes(cfg, world)
+    for rank, (_, _, state, buffers) in enumerate(runs[name]):
+        assert state == {k: v for k, v in planned_state[rank].items() if k != "in_flight"}, (name, rank)
+        assert buffers == {k: v for k, v in planned_buffers[rank].items() if k != "momentum"}, (name, rank)
+    assert planned_buffers[0]["momentum"] > 0
+
+
+def test_fsdp_muon_is_accepted_and_the_optimizer_is_fixed_on_resume(tmp_path):
+    """--fsdp --optimizer muon validates at any --sep_size; an AdamW checkpoint does not resume with
+    --optimizer muon, nor the reverse, under either engine: one line naming both optimizers
+    (resume.py checks the saved config on every rank before loading anything)."""
+    for sep in ("1", "2"):
+        validate_config(tiny_config(tmp_path, "--fsdp", "--optimizer", "muon", "--sep_size", sep), 4)
+    adamw, muon = tiny_config(tmp_path), tiny_config(tmp_path, "--optimizer", "muon")
+    for saved, run, want in ((adamw, muon, "--optimizer muon differs from adamw"),
+                             (muon, adamw, "--optimizer adamw differs from muon")):
+        with pytest.raises(ConfigError, match=want) as error:
+            resume_changes(saved.to_dict(), run, "ckpt")
+        assert "\n" not in str(error.value)
