@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
             if os.path.exists(path):
                 raise SystemExit(2) from None
             raise
+        finally:   # main() called in-process (tests): later processes must not inherit the file
+            os.environ.pop(BAD_INPUT_FILE_ENV, None)
+            for handler in {h for logger in loggers for h in logger.handlers}:
+                handler.removeFilter(quiet)
 
 
 if __name__ == "__main__":

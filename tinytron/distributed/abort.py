@@ -119,6 +119,8 @@ def claim_bad_input_report(message: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    except OSError:   # the launcher's folder is gone: print, as without it
+        return True
     with os.fdopen(fd, "w") as f:
         f.write(message.strip() + "\n")
     return True
