@@ -4,7 +4,7 @@ grad-norm difference and the final validation losses.
 
     python -m benchmarks.bf16 [--moe] [--mock] [--device cuda] [--append docs/benchmarks.md] [-- TRAINER FLAGS]
 
---mock: mock tokens instead of Tiny Shakespeare (no `datasets` needed, nor ../shared/data: what a stock
+--mock: mock tokens instead of Tiny Shakespeare (no `datasets` needed, nor data/: what a stock
 CUDA image and benchmarks/gpu.sh have).
 
 Parameters, gradients and AdamW state stay fp32 in both runs; bf16 changes the matmul inputs
@@ -23,7 +23,7 @@ from pretrain_example import ExampleTrainer  # the repository root's entry scrip
 from tinytron.training import Trainer
 from tinytron.training.arguments import build_parser, config_from_args
 
-DATA = "../shared/data/tinyshakespeare"
+DATA = "data/tinyshakespeare"
 DATA_FLAGS = ["--dataset", f"{DATA}/input.txt", "--tokenizer", f"{DATA}/tokenizer", "--val_fraction", "0.1"]
 FLAGS = ["--num_layer", "2", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--intermediate_size", "384", "--vocab_size", "4096", "--block_size", "128",

@@ -21,7 +21,7 @@ from pretrain_example import ExampleTrainer
 from tinytron.commands.plot import read_metrics
 from tinytron.training.arguments import build_parser, config_from_args
 
-DATA = "../shared/data/tinyshakespeare"
+DATA = "data/tinyshakespeare"
 MODEL = ["--num_layer", "2", "--hidden_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
          "--intermediate_size", "384", "--vocab_size", "4096", "--block_size", "128", "--seq_len", "128"]
 

@@ -20,7 +20,7 @@ from tinytron.data.tokenize import INDEX_FILE, TOKENS_FILE, token_dtype
 # The dev extra installs it; a stock CUDA image may not (there, `pytest -m cuda` still collects this file).
 datasets = pytest.importorskip("datasets")
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare"
 CORPUS, TOKENIZER = SHAKESPEARE / "input.txt", SHAKESPEARE / "tokenizer"
 EOS = 0  # <|endoftext|> in the Tiny Shakespeare tokenizer
 
@@ -211,7 +211,7 @@ def test_distributed_tokenizes_once(tmp_path, docs):
 def test_full_tiny_shakespeare(tmp_path, reference):
     path = prepare_token_shards(str(CORPUS), str(TOKENIZER), tmp_path / "cache")
     index, tokens = _read_cache(path)
-    # The whole file is one document: the tokenizer's 344,104 tokens (shared/data/README.md) + EOS.
+    # The whole file is one document: the tokenizer's 344,104 tokens (data/README.md) + EOS.
     assert index["num_tokens"] == 344_104 + 1 and tokens[-1] == EOS
     assert tokens.tolist() == reference(CORPUS.read_text()) + [EOS]
 

@@ -28,7 +28,7 @@ from tinytron.training.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "tests" / "fixtures" / "eval" / "shakespeare_mc.jsonl"
-TOKENIZER = REPO.parent / "shared" / "data" / "tinyshakespeare" / "tokenizer"
+TOKENIZER = REPO / "data" / "tinyshakespeare" / "tokenizer"
 # The tokenizer's 4,096 tokens; block_size 32 is shorter than the longest items (35 tokens), so
 # lm-eval's left truncation is exercised too; 2 sequences of 32 tokens per forward.
 FLAGS = ["--vocab_size", "4096", "--block_size", "32", "--seq_len", "32", "--init_std", "0.3",

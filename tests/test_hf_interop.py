@@ -22,7 +22,7 @@ from tinytron.model import GPT, ModelConfig
 from tinytron.training.weights import init_from_hf
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO.parent / "shared" / "data" / "tinyshakespeare" / "tokenizer"
+TOKENIZER = REPO / "data" / "tinyshakespeare" / "tokenizer"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # init_std 0.1: logits of order 1, so a wrong mapping shows far above the tolerance. Both sides do

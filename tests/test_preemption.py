@@ -28,7 +28,7 @@ LAUNCH = ["bash", "-c", 'source scripts/launch.sh && launch "$@"', "launch"]
 _i = TINY_FLAGS.index("--num_workers")
 FLAGS = TINY_FLAGS[:_i] + TINY_FLAGS[_i + 2:]
 LONG = ["--max_steps", "100000", "--save_every_steps", "100000", "--val_every_steps", "100000"]
-SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare")
+SHAKESPEARE = os.path.join(REPO, "data", "tinyshakespeare")
 
 
 class Job:

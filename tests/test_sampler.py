@@ -16,7 +16,7 @@ from tinytron.data.mock import MockDataset
 from tinytron.data.sampler import GlobalBatchSampler, epoch_permutation, validation_indices
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare"
+SHAKESPEARE = REPO / "data" / "tinyshakespeare"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 15, 16, 17, 63, 64, 65, 100, 1000, 4097])

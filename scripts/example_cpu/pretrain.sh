@@ -5,8 +5,8 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}  # one process: let it use every core
 MAX_RESTARTS=${MAX_RESTARTS:-0}  # a quick CPU run: report a failure at once instead of retrying
 source "$(dirname "$0")/../launch.sh"
-DATA=${DATA:-../shared/data/tinyshakespeare/input.txt}
-TOKENIZER=${TOKENIZER:-../shared/data/tinyshakespeare/tokenizer}
+DATA=${DATA:-data/tinyshakespeare/input.txt}
+TOKENIZER=${TOKENIZER:-data/tinyshakespeare/tokenizer}
 HF_HUB_OFFLINE=1 launch pretrain_example.py \
   --dataset "$DATA" --tokenizer "$TOKENIZER" --val_fraction 0.1 \
   --device cpu --precision fp32 --exp_name example_cpu \

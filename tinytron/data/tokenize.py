@@ -1,7 +1,7 @@
 """Pre-tokenization: a text corpus -> one flat array of token ids on disk, plus a JSON index.
 
-    path = prepare_token_shards("../shared/data/tinyshakespeare/input.txt",
-                                "../shared/data/tinyshakespeare/tokenizer", "data_cache")
+    path = prepare_token_shards("data/tinyshakespeare/input.txt",
+                                "data/tinyshakespeare/tokenizer", "data_cache")
     TokenWindowDataset(path, seq_len=256, split="train")   # see token_dataset.py
 
 Layout of the cache folder `<cache_dir>/<name>-<hash>/`:
