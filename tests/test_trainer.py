@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.dist_helper import free_port, run_distributed
+from tests.docs import doc_block, doc_command
 from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.training import Trainer
@@ -163,53 +164,28 @@ def test_items_of_the_wrong_length_are_one_line(tmp_path):
         Short(tiny_config(tmp_path))
 
 
-CUSTOM_DATA_SCRIPT = """
-import os, sys, torch
-sys.path.insert(0, {repo!r})
-from tinytron.training import Trainer, run
-from tinytron.training.arguments import build_parser
-
-class Windows(torch.utils.data.Dataset):
-    def __init__(self, tokens, seq_len):
-        self.tokens, self.seq_len = tokens, seq_len
-    def __len__(self):
-        return (len(self.tokens) - 1) // self.seq_len
-    def __getitem__(self, i):
-        return self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
-
-class MyTrainer(Trainer):
-    def _init_dataset(self):
-        tokens = torch.load(os.environ["TOKENS"])
-        seq_len = self.config.training.seq_len
-        return Windows(tokens[:4000], seq_len), Windows(tokens[4000:], seq_len)
-
-if __name__ == "__main__":
-    run(MyTrainer, build_parser())
-"""
-
-
 def test_custom_data_is_part_of_the_run_identity(tmp_path):
-    """README's custom-data Trainer, run as a user runs it (python my_script.py, same flags): other
-    data starts a run folder of its own (trains, exit 0) instead of resuming the finished one; the
-    same data again finds its finished run (one line, exit 2)."""
-    script = tmp_path / "my_pretrain.py"
-    script.write_text(CUSTOM_DATA_SCRIPT.format(repo=REPO))
+    """docs/extending.md's custom-data Trainer, saved and run as a user runs it (python my_pretrain.py,
+    same flags) on a my_tokens.pt: other tokens start a run folder of their own (trains, exit 0)
+    instead of resuming the finished one; the same tokens again find their finished run (one line,
+    exit 2)."""
+    (tmp_path / "my_pretrain.py").write_text(doc_block("docs/extending.md", "trainer"))
     flags = [f for f in TINY_FLAGS if f != "--use_mock_data"] + ["--log_dir", str(tmp_path / "logs")]
-    for name, seed in (("a.pt", 0), ("b.pt", 1)):
-        torch.save(torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(seed)), tmp_path / name)
 
-    def train_on(name):
-        return subprocess.run([sys.executable, str(script), *flags], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "TOKENS": str(tmp_path / name)})
-    first = train_on("a.pt")
+    def train_on(seed):
+        torch.save(torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(seed)),
+                   tmp_path / "my_tokens.pt")
+        return subprocess.run([sys.executable, "my_pretrain.py", *flags], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    first = train_on(0)
     assert first.returncode == 0, first.stderr[-2000:]
     (run_a,) = os.listdir(tmp_path / "logs")
-    assert "data: Windows, 249 training / 62 validation sequences (identity " in first.stdout
-    other = train_on("b.pt")
+    assert "data: Windows, 309 training / 3 validation sequences (identity " in first.stdout
+    other = train_on(1)
     assert other.returncode == 0, other.stderr[-2000:]
     (run_b,) = set(os.listdir(tmp_path / "logs")) - {run_a}
     assert sorted(read_log(tmp_path / "logs" / run_b)) == list(range(8))
-    again = train_on("a.pt")
+    again = train_on(0)
     assert again.returncode == 2
     assert again.stderr.strip().startswith(f"error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
 
@@ -261,13 +237,15 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
     failed workers, no traceback): a typo, and through a script a --device the machine lacks (only
     workers find it: the preflight checks flags), also when torchrun restarts the workers."""
     typo = "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
-    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "tinytron-torchrun"), "--standalone",
-                        "--nproc_per_node", "2", "pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(tmp_path),
-                        "--max_step", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(["bash", "-c", doc_command("docs/parallelism.md", "torchrun", "--log_dir", str(tmp_path),
+                                                  "--max_step", "5")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=launch_env(os.path.dirname(sys.executable)))
     assert (r.returncode, _error_lines(r.stderr)) == (2, [typo]), r.stderr
 
-    if not torch.cuda.is_available():
-        r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--log_dir", str(tmp_path), "--device", "cuda"],
+    if not torch.cuda.is_available():   # README's real-data example, on a device the machine lacks
+        r = subprocess.run(["bash", "-c", doc_command("README.md", "example", "--log_dir", str(tmp_path),
+                                                      "--device", "cuda")],
                            cwd=REPO, capture_output=True, text=True, timeout=180,
                            env={**launch_env(), "MAX_RESTARTS": "1"})
         assert (r.returncode, _error_lines(r.stderr)) == (2, [
@@ -276,28 +254,32 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
 
 
 def test_debug_cpu_script_runs(tmp_path):
-    """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data. The same
-    command again finds the finished run: one line naming it, exit 2, no traceback (the launcher's
-    preflight, before torchrun); resumed by a longer run (no MASTER_PORT: a free port) it goes on."""
+    """README's quick start, shortened: torchrun, 2 processes, gloo, mock data. The same command
+    again finds the finished run: one line naming it, exit 2, no traceback (the launcher's preflight,
+    before torchrun); resumed by a longer run on another layout (docs/parallelism.md's sequence
+    parallel command; no MASTER_PORT: a free port) it goes on."""
     logs = tmp_path / "logs"
 
-    def script(*flags, **env):
-        return subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--log_dir", str(logs), *flags],
-                              cwd=REPO, capture_output=True, text=True, timeout=180, env={**launch_env(), **env})
-    r = script("--max_steps", "12", MASTER_PORT=str(free_port()))
+    def script(command, **env):
+        return subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=180,
+                              env={**launch_env(), **env})
+    quickstart = doc_command("README.md", "quickstart", "--log_dir", str(logs), "--max_steps", "12")
+    r = script(quickstart, MASTER_PORT=str(free_port()))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[tinytron] warning: --val_every_steps 20 > the run's 12 steps: validation runs once, at the end" in r.stdout
     (run_dir,) = [os.path.join(logs, d) for d in os.listdir(logs)]
     losses = read_log(run_dir)
     assert len(losses) == 12 and losses[11] < losses[0]
-    again = script("--max_steps", "12", MASTER_PORT=str(free_port()))
+    again = script(quickstart, MASTER_PORT=str(free_port()))
     assert again.returncode == 2
     assert again.stderr.splitlines() == [f"[launch] python: {sys.executable}",
                                          f"error: {run_dir} is complete at step 12 of 12: to train it further, "
                                          f"add --resume_path {run_dir} and a larger --max_steps; for a new run, "
                                          "another --exp_name or --log_dir"]
-    more = script("--max_steps", "14", "--resume_path", run_dir)   # --max_steps is in the run's hash
+    more = script(doc_command("docs/parallelism.md", "sep", "--log_dir", str(logs), "--max_steps", "14",
+                              "--resume_path", run_dir))   # --max_steps is in the run's hash
     assert more.returncode == 0, more.stderr[-2000:]
+    assert "world 2 = dp 1 x sep 2" in more.stdout
     (longer,) = [os.path.join(logs, d) for d in os.listdir(logs) if os.path.join(logs, d) != run_dir]
     assert sorted(read_log(longer)) == [12, 13]
 

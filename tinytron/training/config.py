@@ -70,7 +70,7 @@ class TrainingConfig:
     val_max_tokens: int = field(default=2**21, metadata=_help(
         "tokens one evaluation scores at most: a fixed strided subset of the validation set (0: all)", bound=">= 0"))
     eval_tasks: str = field(default="", metadata=_help(
-        "comma-separated multiple-choice task files (.jsonl, see README) to score with --tokenizer"))
+        "comma-separated multiple-choice task files (.jsonl, see docs/evaluation.md) to score with --tokenizer"))
     eval_every_steps: int = field(default=1000, metadata=_help(
         "score --eval_tasks every N steps (and at the end)", bound="> 0"))
     use_profiler: bool = field(default=False, metadata=_help("write a torch.profiler trace on rank 0"))
