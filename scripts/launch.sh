@@ -71,7 +71,7 @@ if [ -z "${PET_RDZV_ENDPOINT:-}${PET_MASTER_ADDR:-}" ]; then
   opt --rdzv-id "${RUN_ID:-tinytron}"
 fi
 
-# Stopping (README "Checkpoints and resuming"): SIGTERM or SIGUSR1 to this script is passed on
+# Stopping (docs/checkpoints.md, "Preemption"): SIGTERM or SIGUSR1 to this script is passed on
 # to the workers (torchrun's children), which save a checkpoint and exit 0; SIGUSR1 reaching
 # torchrun itself is ignored (its default action would kill it), SIGTERM makes it pass SIGTERM on
 # and exit 1. The workers confirm a stop after a complete save in $TINYTRON_STOP_FILE
@@ -86,7 +86,7 @@ launch() {
   # before torchrun starts any worker (or restarts them for nothing); what only the workers can
   # find (no GPU, the data) ends the same way through tinytron.commands.torchrun. Skipped
   # when the platform sets torchrun's layout (the world size is then torchrun's to know). The entry
-  # script must hand its flags to tinytron.training.run (pretrain_*.py and README's Extending do),
+  # script must hand its flags to tinytron.training.run (pretrain_*.py and docs/extending.md do),
   # which checks them and returns when TINYTRON_PREFLIGHT is set; TINYTRON_PREFLIGHT=0 skips this.
   if [ "${TINYTRON_PREFLIGHT:-}" != 0 ] && [ -z "${PET_NNODES:-}${PET_NPROC_PER_NODE:-}" ] \
       && [[ "$NUM_NODES" =~ ^[0-9]+$ ]]; then

@@ -20,7 +20,7 @@ from tinytron.training import Trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "tinytron")
 
-# Which top-level subpackages each may import (besides itself). The one direction of README:
+# Which top-level subpackages each may import (besides itself). The one direction of docs/architecture.md:
 # commands -> training -> model, distributed, data, utils, interop.
 ALLOWED = {
     "model": set(),

@@ -2,13 +2,16 @@
 
 - Every shell block of README.md and docs/*.md is marked `run: NAME` or `not run: needs ...`, and
   every `run:` block is taken by a test: a literal ("page", "NAME") in some tests/*.py.
-- The cheap blocks run here as written, each in one scratch folder that looks like the repository
-  (data/, scripts/, tests/ linked; logs/ and data_cache/ its own) with this interpreter's bin first
-  on PATH, and their output is checked. The blocks that train are run by the tests that already
-  train that way (tests/test_trainer.py takes them with doc_command) or here, where the block itself
-  says a small --max_steps; export and generation run on a checkpoint the `example_run` fixture makes.
+- The cheap blocks run here as written, from a scratch folder that looks like the repository:
+  `python ...` by bash with this interpreter's bin first on PATH; a `tinytron-*` command through
+  the entry point pyproject.toml installs under that name, in this process (a process of its own
+  would pay ~4 s of imports per block). Their output is checked. Export, evaluation, sampling and
+  plotting run on a checkpoint the `example_run` fixture makes.
+- The blocks that train run in the tests that already train that way (tests/test_trainer.py takes
+  them with doc_command, adding its --log_dir and a shorter --max_steps), or here where the block
+  itself says a small --max_steps.
 - docs/configuration.md is what its command generates; CI runs README's install and test blocks;
-  relative links and their #anchors resolve.
+  relative links and their #anchors resolve; no page points outside the repository.
 """
 
 import glob

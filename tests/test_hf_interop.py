@@ -106,7 +106,7 @@ def test_bf16_sharded_moe_export(tmp_path):
 
 
 def _aux_losses(cfg: ModelConfig, idx: torch.Tensor, tmp_path) -> tuple[float, float, float]:
-    """(our aux loss, transformers' router_aux_loss_coef * aux_loss, the README formula for the
+    """(our aux loss, transformers' router_aux_loss_coef * aux_loss, the formula of docs/evaluation.md for the
     latter from our own routing) for the exported model on the same batch, z-loss off."""
     model = build(cfg)
     export_hf(model, cfg, str(tmp_path))
@@ -114,7 +114,7 @@ def _aux_losses(cfg: ModelConfig, idx: torch.Tensor, tmp_path) -> tuple[float, f
     with torch.no_grad():
         _, ours, expert_load, _ = model(idx, return_aux=True)
         out = hf(idx, output_router_logits=True)
-        # README: coef * k * E * sum_i fbar_i * Pbar_i, means over all layers and all tokens.
+        # docs/evaluation.md: coef * k * E * sum_i fbar_i * Pbar_i, means over all layers and all tokens.
         E, k = cfg.num_experts, cfg.num_experts_per_tok
         load = expert_load.sum(0)
         probs = torch.cat([logits.softmax(-1) for logits in out.router_logits])
@@ -126,7 +126,7 @@ def _aux_losses(cfg: ModelConfig, idx: torch.Tensor, tmp_path) -> tuple[float, f
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_exported_load_balancing_strength(top_k, tmp_path):
     """transformers' Mixtral loss on the same routing: exactly ours for one layer and one
-    sequence; for more layers and sequences it is the README's formula (all-layer, whole-batch
+    sequence; for more layers and sequences it is docs/evaluation.md's formula (all-layer, whole-batch
     statistics), which differs from ours; under uniform routing (zero router) both are alpha * L."""
     cfg = tiny_model_config(**{**BASE, "num_layer": 1}, **CASES["moe_top2"], moe_aux_loss_coeff=0.05)
     cfg = dataclasses.replace(cfg, num_experts_per_tok=top_k)
@@ -138,7 +138,7 @@ def test_exported_load_balancing_strength(top_k, tmp_path):
     idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     ours, theirs, formula = _aux_losses(cfg, idx, tmp_path / "three")
     assert abs(theirs - formula) <= 1e-6 * theirs
-    assert abs(ours - theirs) > 1e-3 * ours  # README: no exact mapping here
+    assert abs(ours - theirs) > 1e-3 * ours  # docs/evaluation.md: no exact mapping here
 
     model = build(cfg)
     for layer in model.layers:

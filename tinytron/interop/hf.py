@@ -13,7 +13,7 @@ add `alpha * E * sum_i f_i * P_i` per layer and per sequence. `aux_coef_to_hf` s
 router_aux_loss_coef = alpha * L / k: the two are then equal for one layer and one sequence per
 batch, equal for every model under uniform routing, and give each layer's router the same
 gradient whenever the layers' loads are equal; otherwise transformers pushes each layer towards
-the all-layer mean load fbar instead of its own f (README, "Hugging Face interop").
+the all-layer mean load fbar instead of its own f (docs/evaluation.md, "Load balancing in transformers").
 
 Name and layout mapping, per layer i (ours -> HF `model.layers.{i}.`):
     attn_norm.weight           -> input_layernorm.weight
