@@ -52,6 +52,14 @@ def doc_block(page: str, name: str) -> str:
     return found[0]
 
 
+def doc_output(page: str, name: str) -> str:
+    """The text of the block right after the one marked `run: name`: the output the page shows."""
+    blocks = fenced_blocks(REPO / page)
+    (i,) = [i for i, (_, marker, _, _) in enumerate(blocks) if marker == f"<!-- run: {name} -->"]
+    assert blocks[i + 1][1] is None, f"{page}: the block after 'run: {name}' is itself marked"
+    return blocks[i + 1][2]
+
+
 def doc_command(page: str, name: str, *extra: str) -> str:
     """The one command of a shell block as a bash command line, with `extra` arguments appended (a
     test's --log_dir, a shorter --max_steps: later flags override the block's own)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.dist_helper import free_port, run_distributed
-from tests.docs import doc_block, doc_command
+from tests.docs import doc_block, doc_command, doc_output
 from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.training import Trainer
@@ -270,6 +270,12 @@ def test_debug_cpu_script_runs(tmp_path):
     (run_dir,) = [os.path.join(logs, d) for d in os.listdir(logs)]
     losses = read_log(run_dir)
     assert len(losses) == 12 and losses[11] < losses[0]
+    # README shows the output of the full run: its lines have the shape of this run's (numbers aside).
+    def shape(line):
+        line = re.sub(r"_[0-9a-f]{8}\b", "_HASH", line.replace(str(logs), "logs"))
+        return re.sub(r"\s+", " ", re.sub(r"\d[\d,.e+-]*", "N", line))
+    shown = [line for line in doc_output("README.md", "quickstart").splitlines() if line != "..."]
+    assert [line for line in shown if shape(line) not in set(map(shape, r.stdout.splitlines()))] == []
     again = script(quickstart, MASTER_PORT=str(free_port()))
     assert again.returncode == 2
     assert again.stderr.splitlines() == [f"[launch] python: {sys.executable}",
