@@ -39,7 +39,7 @@ import torch.distributed as dist
 from tinytron.distributed import abort
 
 POLL_SECONDS = 1.0    # how often the thread publishes the step and looks at the clock and the store
-ANSWER_SECONDS = 5.0  # how long the rank that saw the hang waits for the others' stacks
+ANSWER_SECONDS = 3.0  # how long the rank that saw the hang waits for the others' stacks
 STORE_TIMEOUT = timedelta(seconds=30)
 # A main thread whose innermost frame is in one of these waits on its peers.
 _WAITING = tuple(os.sep + os.path.join(*p) + os.sep for p in (("torch", "distributed"), ("tinytron", "distributed")))
@@ -136,20 +136,17 @@ class Watchdog:
         except Exception as e:  # noqa: BLE001 - the store's host (rank 0's process) does not answer
             folder = _new_folder(os.path.join(self.hang_root, self.attempt))
             self._write_stacks(folder)
-            abort.fail(f"{self._newline}error: hang: rank {self.rank} waited {waited:.0f} s in step "
+            # Both lines start on a line of their own: rank 0's progress bar may be open on the console.
+            abort.fail(f"\nerror: hang: rank {self.rank} waited {waited:.0f} s in step "
                        f"{self.last_step + 1} (--step_timeout_minutes {self.timeout_minutes}) and the job's store "
-                       f"does not answer ({type(e).__name__}: rank 0 stopped?); its Python stacks: {folder}",
-                       1, post=False)
+                       f"does not answer ({type(e).__name__}: rank 0, its host, stopped or died?); its Python "
+                       f"stacks: {folder}", 1, post=False)
             return
         line = describe_hang(done, answers, self.world_size)
-        abort.fail(f"{self._newline}error: hang: {line} (no step ended within --step_timeout_minutes "
+        abort.fail(f"\nerror: hang: {line} (no step ended within --step_timeout_minutes "
                    f"{self.timeout_minutes} of the step before); Python stacks: {folder}/rank<r>.txt", 1,
                    printer=self.rank, readers=len(answers))
 
-    @property
-    def _newline(self) -> str:
-        """Rank 0's progress bar may be open on the console's last line: start the message on a new one."""
-        return "\n" if self.rank == 0 else ""
 
     def _answer(self, folder: str) -> None:
         where, waiting = self._write_stacks(folder)
