@@ -1,10 +1,11 @@
 """Hang detection: a rank that stops making progress ends the job within minutes, with the Python
 stacks of every live rank and one line naming the rank(s) that stopped.
 
-A daemon thread per rank, one small request to the job's store per second (like abort.py's):
+A daemon thread per rank, talking to the job's store (like abort.py's, through a connection of
+its own: one small request per step and one per second):
 
-  - it publishes the rank's last completed step (`done/<rank>`), so the ranks' progress is known
-    without a collective or a host sync of the step;
+  - it publishes the rank's last completed step (`done/<rank>`) as soon as the step ends, so the
+    ranks' progress is known without a collective or a host sync of the step;
   - once this process completed its first step (start-up, loading and compilation are bounded by
     --dist_timeout_minutes), it times each training step (`step()` around it): a step lasting
     `timeout` longer than the step before it is a hang. Only the step is timed: validation,
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from tinytron.distributed import abort
 
-POLL_SECONDS = 1.0    # how often the thread publishes the step and looks at the clock and the store
+POLL_SECONDS = 1.0    # how often the thread looks at the clock and for a hang posted in the store
 ANSWER_SECONDS = 3.0  # how long the rank that saw the hang waits for the others' stacks
 STORE_TIMEOUT = timedelta(seconds=30)
 # A main thread whose innermost frame is in one of these waits on its peers.
