@@ -135,7 +135,7 @@ class Watchdog:
             done = {r: json.loads(self.store.get(f"done/{r}")) if self.store.check([f"done/{r}"]) else None
                     for r in range(self.world_size)}
         except Exception as e:  # noqa: BLE001 - the store's host (rank 0's process) does not answer
-            folder = _new_folder(os.path.join(self.hang_root, self.attempt))
+            folder = os.path.join(self.hang_root, self.attempt)   # each rank on its own: the same folder
             self._write_stacks(folder)
             # Both lines start on a line of their own: rank 0's progress bar may be open on the console.
             abort.fail(f"\nerror: hang: rank {self.rank} waited {waited:.0f} s in step "
