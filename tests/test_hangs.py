@@ -92,12 +92,12 @@ def jobs(tmp_path_factory):
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             stack.callback(_kill_tree, procs[name])
         checkpoints = root / "kill" / "logs" / "faults"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300   # generous: a loaded machine starts torchrun slowly
         while not (checkpoints.is_dir() and list_complete(os.path.join(_run_dir(checkpoints), "checkpoints"))):
             assert procs["kill"].poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
             time.sleep(0.01)
         os.kill(_worker(procs["kill"].pid, 0), signal.SIGKILL)
-        out = {name: p.communicate(timeout=240) for name, p in procs.items()}
+        out = {name: p.communicate(timeout=600) for name, p in procs.items()}
     return {name: (procs[name].returncode, *out[name], _run_dir(root / name / "logs" / "faults")) for name in procs}
 
 
