@@ -85,6 +85,7 @@ RANGES = {
     # parallel
     "--sep_size": r("[1, inf)"),   # up to the world size (1 here): test_parallel_state
     "--dist_timeout_minutes": r("(0, inf)"),
+    "--step_timeout_minutes": r("(0, inf)"),
     # checkpoint
     "--save_every_steps": r("[1, inf)"),
     "--keep_last_n_checkpoints": r("[0, inf)"),

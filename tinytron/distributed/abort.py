@@ -35,7 +35,8 @@ class _Channel:
     """The message slot of this attempt of the job in the store, and the thread watching it."""
 
     def __init__(self, world_size: int):
-        self.world_size = world_size
+        self.world_size, self.rank = world_size, dist.get_rank()
+        self.readers = world_size  # how many ranks read the message before any leaves (read sets it)
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timedelta(seconds=60))
         # torchrun may keep one store for all restarts of a job: one slot per attempt.
@@ -45,20 +46,21 @@ class _Channel:
         self.thread = threading.Thread(target=self._watch, name="tinytron-abort", daemon=True)
         self.thread.start()
 
-    def post(self, message: str, code: int) -> tuple[str, int]:
-        """Post (message, code) unless another rank did first; -> the posted one, marked as read."""
+    def post(self, message: str, code: int, printer: int | None = None, readers: int | None = None):
+        """Post the message unless another rank did first; -> the posted one (see read), marked as read."""
         if self.store.add("posted", 1) == 1:
-            self.store.set("message", json.dumps([message, code]))
+            self.store.set("message", json.dumps([message, code, printer, readers or self.world_size]))
         return self.read()
 
-    def read(self) -> tuple[str, int]:
-        message, code = json.loads(self.store.get("message"))  # get waits until it is set
+    def read(self) -> tuple[str | None, int]:
+        """-> (the posted message, or None where another rank is its only printer; its exit code)."""
+        message, code, printer, self.readers = json.loads(self.store.get("message"))  # get waits until it is set
         self.store.add("read", 1)
-        return message, code
+        return (message if printer in (None, self.rank) else None), code
 
     def wait_until_read(self) -> None:
         deadline = time.monotonic() + READ_TIMEOUT_SECONDS
-        while self.store.add("read", 0) < self.world_size and time.monotonic() < deadline:
+        while self.store.add("read", 0) < self.readers and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def _watch(self) -> None:
@@ -70,7 +72,7 @@ class _Channel:
             except Exception:  # noqa: BLE001 - the store is gone (its host exited): nothing to relay
                 return
             # On a line of its own: rank 0's progress bar may be open on this line.
-            _exit("\n" + message, code, self)
+            _exit(message and "\n" + message, code, self)
 
 
 def watch(world_size: int) -> None:
@@ -89,15 +91,17 @@ def stop_watching() -> None:
         _channel = None
 
 
-def fail(message: str, code: int, post: bool = True) -> None:
+def fail(message: str, code: int, post: bool = True, printer: int | None = None, readers: int | None = None) -> None:
     """Print one line and leave with `code`, on every rank: post it for the other ranks (or, with
     post=False, for a symptom such as a failed collective, only print it, unless another rank
-    already posted the cause, which is printed instead). Does not return."""
+    already posted the cause, which is printed instead). printer: only that rank prints the line,
+    the others leave in silence; readers: how many ranks will read it (default all; fewer when
+    some are known not to answer), the ranks wait for them before leaving. Does not return."""
     channel = _channel
     if channel is not None:
         try:
             if post:
-                message, code = channel.post(message, code)
+                message, code = channel.post(message, code, printer, readers)
             elif channel.store.check(["message"]):
                 message, code = channel.read()
             else:
@@ -126,11 +130,12 @@ def claim_bad_input_report(message: str) -> bool:
     return True
 
 
-def _exit(message: str, code: int, channel) -> None:
-    """Print the line (bad input: once per node under tinytron-torchrun), wait for the other ranks
-    to read it, leave without waiting on peers (no process-group teardown: they may be gone)."""
+def _exit(message: str | None, code: int, channel) -> None:
+    """Print the line (None: nothing; bad input: once per node under tinytron-torchrun), wait for
+    the other ranks to read it, leave without waiting on peers (no process-group teardown: they
+    may be gone)."""
     _exit_lock.acquire()  # never released: a second failure (e.g. the watcher) waits for os._exit
-    if code != 2 or claim_bad_input_report(message):
+    if message is not None and (code != 2 or claim_bad_input_report(message)):
         print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     if channel is not None:

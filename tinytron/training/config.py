@@ -140,7 +140,13 @@ class DataConfig:
 class ParallelConfig:
     sep_size: int = field(default=1, metadata=_help("sequence/expert-parallel group size", bound=">= 1"))
     dist_timeout_minutes: float = field(default=30.0, metadata=_help(
-        "a collective waiting longer than this ends the job", bound="> 0"))
+        "a collective waiting longer than this ends the job: start-up, the first step, validation, "
+        "--eval_tasks, saves", bound="> 0"))
+    step_timeout_minutes: float = field(default=5.0, metadata=_help(
+        "after the first step: a training step that lasts this much longer than the step before it is a hang: "
+        "stacks to <run folder>/hangs, one line naming the stuck rank(s), exit 1 (torchrun restarts). "
+        "5: far above a healthy step's hiccups, 6x sooner than --dist_timeout_minutes (docs/checkpoints.md)",
+        bound="> 0"))
     overlap_grad_reduce: bool = field(default=True, metadata=_help("reduce each grad bucket during the last backward"))
     overlap_param_gather: bool = field(default=True, metadata=_help("all-gather ZeRO-1 params during the next forward"))
     fsdp: bool = field(default=False, metadata=_help(

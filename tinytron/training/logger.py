@@ -117,7 +117,10 @@ class RunLogger:
         record = {"tokens": tokens, "train/loss": stats["loss"],
                   "val/loss": stats.get("val_loss"), "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
                   "perf/step_time_s": stats["step_time"], "perf/tokens_per_s": stats["tokens_per_s"],
-                  "perf/mfu": stats["mfu"], "perf/peak_memory_gib": mem, "train/skipped_steps": skipped_steps}
+                  "perf/mfu": stats["mfu"], "perf/peak_memory_gib": mem, "train/skipped_steps": skipped_steps,
+                  # stragglers: each rank's own part of the step (sync.reduce_step_stats)
+                  "perf/slowest_rank": stats["slowest_rank"], "perf/slowest_rank_time_s": stats["slowest_s"],
+                  "perf/fastest_rank_time_s": stats["fastest_s"]}
         for name, s in stats.get("eval", {}).items():  # --eval_tasks, when scored at this step
             record.update({f"eval/{name}/acc": s.acc, f"eval/{name}/acc_norm": s.acc_norm})
         if self.config.model.use_moe:

@@ -44,18 +44,27 @@ class StepStats:
     grad_norm: float           # global gradient norm, before clipping
     save_due: bool             # rank 0's --save_every_minutes clock says save
     expert_load: list | None   # tokens routed to each expert, [layer][expert], summed over ranks
+    slowest_rank: int          # the rank whose own part of the step (`own_seconds`) took longest
+    slowest_s: float           # its own part, in seconds
+    fastest_s: float           # the shortest own part of any rank
 
 
 def reduce_step_stats(losses: torch.Tensor, micro_steps: int, grad_norm: torch.Tensor,
-                      signals: StopSignals, save_due: bool, expert_load: torch.Tensor | None) -> StepStats:
+                      signals: StopSignals, save_due: bool, expert_load: torch.Tensor | None,
+                      own_seconds: float = 0.0) -> StepStats:
     """The step's one all-reduce and host sync. losses: [lm, aux] summed over this rank's
     micro-steps; grad_norm: already the same on every rank; expert_load: [layers, experts] of
-    this rank summed over micro-steps (totals over its EP = SEP group), or None. The stop flags
-    and rank 0's save decision travel in the same all-reduce, so every rank acts on them at the
-    same step."""
+    this rank summed over micro-steps (totals over its EP = SEP group), or None; own_seconds:
+    this rank's own part of the step (host time until it waits for the others), of which the
+    slowest and fastest rank are found. The stop flags and rank 0's save decision travel in the
+    same all-reduce, so every rank acts on them at the same step."""
     # SEP ranks hold shares of one sequence's loss (sum them); DP ranks hold different sequences
-    # (average them): a SUM over the world divided by dp_size does both.
-    flags = stop_flags(signals, losses.device, float(save_due))
+    # (average them): a SUM over the world divided by dp_size does both. Each rank's time goes in
+    # its own slot of a [world] vector: after the SUM every rank holds all of them.
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    times = [0.0] * world
+    times[rank] = own_seconds
+    flags = stop_flags(signals, losses.device, float(save_due), *times)
     # Expert loads are already totals over the EP (= SEP) group: divide by sep before the sum.
     extra = [] if expert_load is None else [expert_load.flatten() / ps.get_sep_size()]
     stats = torch.cat((losses / (micro_steps * ps.get_dp_size()), flags, *extra))
@@ -64,12 +73,15 @@ def reduce_step_stats(losses: torch.Tensor, micro_steps: int, grad_norm: torch.T
     values = torch.cat((stats, grad_norm.view(1))).tolist()  # the step's one host sync
     norm = values.pop()
     lm, aux, stop_term, stop_usr1, save = values[:5]
+    times, values = values[5:5 + world], values[5 + world:]
     agree_on_stop(signals, [stop_term, stop_usr1])
     load = None
     if expert_load is not None:
         experts = expert_load.shape[1]
-        load = [[round(v) for v in values[5 + i * experts:5 + (i + 1) * experts]] for i in range(expert_load.shape[0])]
-    return StepStats(loss=lm, aux_loss=aux, grad_norm=norm, save_due=save > 0, expert_load=load)
+        load = [[round(v) for v in values[i * experts:(i + 1) * experts]] for i in range(expert_load.shape[0])]
+    slowest = max(range(world), key=times.__getitem__)
+    return StepStats(loss=lm, aux_loss=aux, grad_norm=norm, save_due=save > 0, expert_load=load,
+                     slowest_rank=slowest, slowest_s=times[slowest], fastest_s=min(times))
 
 
 def reduce_validation(totals: torch.Tensor, signals: StopSignals) -> float:

@@ -38,10 +38,12 @@ from tinytron.distributed.fsdp import FSDPOptimizer, apply_fsdp
 from tinytron.distributed.runtime import RuntimeSetupError, init_runtime
 from tinytron.distributed.sequence_parallel import apply_sequence_parallel, sequence_chunk
 from tinytron.distributed.signals import ignore_stop_signals
+from tinytron.distributed.watchdog import Watchdog
 from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
+from tinytron.training import sync
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.documents import document_layout_fn
 from tinytron.training.downstream import downstream_from_config
@@ -257,6 +259,7 @@ class Trainer:
     def train_step(self, batches) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's statistics
         reduced over all ranks (the step's one host sync)."""
+        start = time.perf_counter()
         lr = self._lr_at(self.step)
         for group in self.optimizer.param_groups:   # Muon's group: times --muon_lr / --max_lr
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -270,16 +273,19 @@ class Trainer:
             acc += torch.stack((lm.detach(), aux.detach()))
             if self.config.logging.log_expert_load:
                 load = expert_load.float() if load is None else load + expert_load.float()
+        # This rank's own part of the step: data, forward, backward, before it waits for the others.
+        own_seconds = time.perf_counter() - start
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_grad_norm(self.config.training.grad_clip_value)
         minutes = self.config.checkpoint.save_every_minutes
         save_due = self.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
-        s = reduce_step_stats(acc, self.grad_accum_steps, grad_norm, self.signals, save_due, load)
+        s = reduce_step_stats(acc, self.grad_accum_steps, grad_norm, self.signals, save_due, load, own_seconds)
         finite = math.isfinite(s.loss) and math.isfinite(s.aux_loss) and math.isfinite(s.grad_norm)
         if finite:
             self.optimizer.step()
         return {"loss": s.loss, "aux_loss": s.aux_loss, "grad_norm": s.grad_norm, "lr": lr, "finite": finite,
-                "stop": self.signals.agreed is not None, "save_due": s.save_due, "expert_load": s.expert_load}
+                "stop": self.signals.agreed is not None, "save_due": s.save_due, "expert_load": s.expert_load,
+                "slowest_rank": s.slowest_rank, "slowest_s": s.slowest_s, "fastest_s": s.fastest_s}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -337,13 +343,17 @@ class Trainer:
         profiler = StepProfiler(self.is_main and t.use_profiler, t.steps_to_profile,
                                 os.path.join(self.run_dir, "rank0_trace.json"),
                                 before_stop=self.optimizer.finish_param_gather)  # no collective in the trace
+        # Bounds each step after the first by --step_timeout_minutes (hangs: distributed/watchdog.py).
+        watchdog = Watchdog(self.rank, self.world_size, cfg.parallel.step_timeout_minutes,
+                            os.path.join(self.run_dir, "hangs"), wait_points=(sync.__file__,))
         self.model.train()
         with closing(self._train_loader()) as batches, self.log.progress(self.total_steps, self.step), profiler:
             while self.step < self.total_steps:
                 step = self.step
                 with profiler.step(step):
                     t0 = time.perf_counter()
-                    stats = self.train_step(batches)
+                    with watchdog.step(step):
+                        stats = self.train_step(batches)
                     stats["step_time"] = time.perf_counter() - t0
                     stats["tokens_per_s"] = t.total_batch_size / stats["step_time"]
                     stats["mfu"] = mfu(stats["tokens_per_s"] / self.world_size, flops_tok, peak)
@@ -367,6 +377,7 @@ class Trainer:
                 if stopping:
                     self.signals.announce_stop(self.step, c.do_save, self.is_main)
                     break
+        watchdog.close()
         self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.log.close()
 
