@@ -69,19 +69,17 @@ COPY_OPS = {aten.clone.default, aten.cat.default, aten.stack.default, aten.repea
 MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 ATTENTION_PREFIX = "aten._scaled_dot_product"
 
-# innermost tinytron / torch.optim function (qualified name, or file for whole files) -> source
+# innermost tinytron function (qualified name) -> source; see _frame_source for the others
 SOURCES = {
     "apply_rope": "RoPE", "RotaryEmbedding.forward": "RoPE",
     "CausalAttention.forward": "attention layout", "Attention.forward": "attention layout",
-    "document_mask.py": "attention layout",
     "MLP.forward": "SwiGLU",
     "RMSNorm.forward": "norms",
     "_chunk_loss_and_grads": "head", "_LinearCrossEntropySum.forward": "head",
     "_LinearCrossEntropySum.backward": "head", "linear_cross_entropy_sum": "head", "LMHead.forward": "head",
-    "zero1": "optimizer", "optim": "optimizer",
 }
 ORDER = ["RoPE", "attention layout", "SwiGLU", "norms", "block weights", "head", "loss", "optimizer", "other"]
-ROOTS = {os.path.dirname(tinytron.__file__): "tinytron", os.path.dirname(torch.optim.__file__): "optim"}
+TINYTRON_ROOT, OPTIM_ROOT = (os.path.join(os.path.dirname(m.__file__), "") for m in (tinytron, torch.optim))
 FRAME = re.compile(r'File "(.+)", line (\d+), in ')
 
 
@@ -106,22 +104,19 @@ def _functions(filename: str) -> list[tuple[int, int, str]]:
     return found
 
 
-def _key(filename: str, lineno: int) -> str | None:
-    """The `SOURCES` key of a frame: its function's qualified name in tinytron/model, the file name
-    for document_mask.py, "zero1" / "optim" for the optimizers' files; None outside tinytron and
-    torch.optim."""
-    filename = os.path.abspath(filename)
-    for root, name in ROOTS.items():
-        if filename.startswith(root + os.sep):
-            break
-    else:
+def _frame_source(filename: str, lineno: int) -> str | None:
+    """The source of a frame: "optimizer" in torch.optim and the zero1 optimizer, the attention
+    layout in document_mask.py, else its function's entry in SOURCES ("other" if none) in tinytron;
+    None outside tinytron and torch.optim."""
+    path = os.path.abspath(filename)
+    if path.startswith(OPTIM_ROOT) or path.startswith(os.path.join(TINYTRON_ROOT, "distributed", "zero1", "")):
+        return "optimizer"
+    if not path.startswith(TINYTRON_ROOT):
         return None
-    if name == "optim" or f"{os.sep}zero1{os.sep}" in filename:
-        return name if name == "optim" else "zero1"
-    if filename.endswith("document_mask.py"):
-        return "document_mask.py"
-    inner = [(start, qual) for start, end, qual in _functions(filename) if start <= lineno <= end]
-    return max(inner)[1] if inner else ""
+    if path.endswith("document_mask.py"):
+        return "attention layout"
+    inner = [(start, qual) for start, end, qual in _functions(path) if start <= lineno <= end]
+    return SOURCES.get(max(inner)[1], "other") if inner else "other"
 
 
 def _python_frames() -> list[tuple[str, int]]:
@@ -137,9 +132,9 @@ def _forward_frames(node) -> list[tuple[str, int]]:
 def _source(frames: list[tuple[str, int]]) -> str | None:
     """The source named by the innermost frame in tinytron or torch.optim; None if there is none."""
     for filename, lineno in reversed(frames):
-        key = _key(filename, lineno)
-        if key is not None:
-            return SOURCES.get(key, "other")
+        source = _frame_source(filename, lineno)
+        if source is not None:
+            return source
     return None
 
 
