@@ -71,15 +71,18 @@ ATTENTION_PREFIX = "aten._scaled_dot_product"
 
 # innermost tinytron function (qualified name) -> source; see _frame_source for the others
 SOURCES = {
-    "apply_rope": "RoPE", "RotaryEmbedding.forward": "RoPE",
+    "apply_rope": "RoPE", "_rotate": "RoPE", "_Rope.forward": "RoPE", "_Rope.backward": "RoPE",
+    "RotaryEmbedding.forward": "RoPE",
     "CausalAttention.forward": "attention layout", "Attention.forward": "attention layout",
-    "MLP.forward": "SwiGLU",
-    "RMSNorm.forward": "norms",
+    "MLP.forward": "SwiGLU", "_SwiGLU.forward": "SwiGLU", "_SwiGLU.backward": "SwiGLU",
+    "RMSNorm.forward": "norms", "Block.forward": "residual stream",
     "_chunk_loss_and_grads": "head", "_LinearCrossEntropySum.forward": "head",
     "_LinearCrossEntropySum.backward": "head", "linear_cross_entropy_sum": "head", "LMHead.forward": "head",
 }
-ORDER = ["RoPE", "attention layout", "SwiGLU", "norms", "block weights", "head", "loss", "optimizer", "other"]
+ORDER = ["RoPE", "attention layout", "SwiGLU", "norms", "linear inputs", "block weights", "residual stream", "head",
+         "loss", "optimizer", "other"]
 TINYTRON_ROOT, OPTIM_ROOT = (os.path.join(os.path.dirname(m.__file__), "") for m in (tinytron, torch.optim))
+LINEAR_FILE = os.path.abspath(torch.nn.modules.linear.__file__)
 FRAME = re.compile(r'File "(.+)", line (\d+), in ')
 
 
@@ -105,10 +108,13 @@ def _functions(filename: str) -> list[tuple[int, int, str]]:
 
 
 def _frame_source(filename: str, lineno: int) -> str | None:
-    """The source of a frame: "optimizer" in torch.optim and the zero1 optimizer, the attention
-    layout in document_mask.py, else its function's entry in SOURCES ("other" if none) in tinytron;
-    None outside tinytron and torch.optim."""
+    """The source of a frame: "linear inputs" in nn.Linear's forward (autocast's casts of its
+    input), "optimizer" in torch.optim and the zero1 optimizer, the attention layout in
+    document_mask.py, else its function's entry in SOURCES ("other" if none) in tinytron; None
+    elsewhere."""
     path = os.path.abspath(filename)
+    if path == LINEAR_FILE:
+        return "linear inputs"
     if path.startswith(OPTIM_ROOT) or path.startswith(os.path.join(TINYTRON_ROOT, "distributed", "zero1", "")):
         return "optimizer"
     if not path.startswith(TINYTRON_ROOT):
