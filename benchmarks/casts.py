@@ -2,7 +2,7 @@
 op-stream count (no timing), on CPU in seconds.
 
     python -m benchmarks.casts                        # the 0.25B preset, 4 x 4096 tokens, bf16
-    python -m benchmarks.casts --preset cpu --batch 2 # any step_parser shape
+    python -m benchmarks.casts --preset cpu --batch 2 # another preset or shape, --micro_steps, --dtype fp32
 
 One step as the Trainer runs it (training/trainer.py `train_step`, mirrored in `train_step` below):
 zero_grad; per micro-batch (--micro_steps, default 1) the forward under
@@ -23,15 +23,18 @@ attention kernels (SDPA, forward and backward) are a separate line.
 
 Attribution (the source of each cast or copy): the Python stack where the op was issued, or for an
 op of the backward pass, the stack where its autograd node was created in forward (anomaly mode
-keeps it as the node's "traceback_", without the NaN checks): the innermost frame inside tinytron
-or torch.optim names the source (`SOURCES`: apply_rope -> RoPE, CausalAttention / Attention ->
-attention layout, MLP -> SwiGLU, the chunked head's functions -> head or loss, the zero1 optimizer
-and torch.optim -> optimizer), with one exception: a cast of a parameter (forward) or of a
-parameter's gradient (a backward node feeding its AccumulateGrad) is "block weights", or "head" for
-the head weight. In the head's functions, ops on [n, vocab] tensors (logits, their gradient) and on
-the per-chunk losses are "loss"; the rest (the matmul operands and the hidden-state and weight
-gradients) is "head". Line and function names are read from the source files with `ast`, so
-editing the model moves no op to another source unless a function is renamed.
+keeps it as the node's "traceback_", without the NaN checks): the innermost frame inside tinytron,
+torch.optim or nn.Linear's forward names the source (`SOURCES`: RoPE's functions -> RoPE,
+CausalAttention / Attention -> attention layout, SwiGLU's -> SwiGLU, RMSNorm -> norms, nn.Linear
+-> linear inputs (autocast's casts of a block's fp32 normalised input and, in backward, of its
+gradient), Block.forward -> residual stream (the fp32 residual's gradient cast for the bf16 layer
+outputs), the chunked head's functions -> head or loss, the zero1 optimizer and torch.optim ->
+optimizer), with one exception: a cast of a parameter (forward) or of a parameter's gradient (a
+backward node feeding its AccumulateGrad) is "block weights", or "head" for the head weight. In
+the head's functions, ops on [n, vocab] tensors (logits, their gradient) and on the per-chunk
+losses are "loss"; the rest (the matmul operands and the hidden-state and weight gradients) is
+"head". Function extents are read from the source files with `ast`, so editing the model moves no
+op to another source unless a function is renamed.
 
 What differs on CUDA: CUDA autocast's op lists (both put the matmuls and SDPA in bf16, the softmax
 and loss in fp32 as this model does explicitly); SDPA's backend (flash/cuDNN take the same
@@ -65,7 +68,7 @@ CAST_OR_COPY = {aten._to_copy.default, aten.copy_.default}
 COPY_OPS = {aten.clone.default, aten.cat.default, aten.stack.default, aten.repeat_interleave.self_int,
             aten.repeat.default, aten.slice_backward.default, aten.select_backward.default,
             aten.index_select.default, aten.flip.default, aten.roll.default, aten.slice_scatter.default,
-            aten.select_scatter.default, aten.expand_copy.default, aten.contiguous.default}
+            aten.select_scatter.default, aten.expand_copy.default}
 MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 ATTENTION_PREFIX = "aten._scaled_dot_product"
 
@@ -84,8 +87,6 @@ ORDER = ["RoPE", "attention layout", "SwiGLU", "norms", "linear inputs", "block 
 TINYTRON_ROOT, OPTIM_ROOT = (os.path.join(os.path.dirname(m.__file__), "") for m in (tinytron, torch.optim))
 LINEAR_FILE = os.path.abspath(torch.nn.modules.linear.__file__)
 FRAME = re.compile(r'File "(.+)", line (\d+), in ')
-
-
 
 
 @functools.cache
@@ -136,7 +137,7 @@ def _forward_frames(node) -> list[tuple[str, int]]:
 
 
 def _source(frames: list[tuple[str, int]]) -> str | None:
-    """The source named by the innermost frame in tinytron or torch.optim; None if there is none."""
+    """The source named by the innermost frame that names one (`_frame_source`); None if none does."""
     for filename, lineno in reversed(frames):
         source = _frame_source(filename, lineno)
         if source is not None:
@@ -182,7 +183,7 @@ class CastCounter(TorchDispatchMode):
         outputs = _tensors(out)
         is_cast = func in CAST_OR_COPY and inputs[0].dtype != outputs[0].dtype
         node = torch._C._current_autograd_node()
-        source = self._param_source(func, inputs[0], node) if is_cast else None
+        source = self._param_source(inputs[0], node) if is_cast else None
         if source is None:
             source = _source(_python_frames())
         if source is None and node is not None:
@@ -191,17 +192,16 @@ class CastCounter(TorchDispatchMode):
         if source == "head" and any(t.dim() == 0 or t.shape[-1] == self.vocab for t in inputs + outputs):
             source = "loss"   # the logits, their gradient, the per-chunk losses
         moved = _bytes(inputs) + _bytes(outputs)
-        kind = "cast" if is_cast else "copy"
         entry = self.stats[source]
-        entry[kind + "s" if is_cast else "copies"] += 1
-        entry[kind + "_bytes"] += moved
+        entry["casts" if is_cast else "copies"] += 1
+        entry["cast_bytes" if is_cast else "copy_bytes"] += moved
         dtypes = f"{inputs[0].dtype}->{outputs[0].dtype}".replace("torch.", "") if is_cast else str(outputs[0].dtype)
         detail = self.detail[(source, str(func).split(".")[1], dtypes, tuple(outputs[0].shape),
                               "backward" if node is not None else "forward")]
         detail[0] += 1
         detail[1] += moved
 
-    def _param_source(self, func, source_tensor, node) -> str | None:
+    def _param_source(self, source_tensor, node) -> str | None:
         """"head" / "block weights" for a cast of a parameter (forward) or of the gradient going to
         one (backward: a ToCopyBackward node whose next function accumulates a parameter's grad)."""
         param = id(source_tensor) if id(source_tensor) in self.params else None

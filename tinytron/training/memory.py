@@ -224,8 +224,9 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
     weight, 4VC. No [tokens, V] logits are saved: the loss (model/gpt.py) runs over chunks of at
     most CHUNK_TOKENS tokens, each holding its logits (a, then their gradient), their fp32
     log-softmax and, under bf16, an fp32 copy of the logits: (a + 4 + (4 if a = 2)) V per token of
-    a chunk (the micro-batch's tokens when fewer), and under bf16 the head weight's and the
-    micro-batch's hidden states' bf16 copies, 2VC + 2C per token: a transient of forward.
+    a chunk (the micro-batch's tokens when fewer), the loss's fp32 input, 4C per token, and under
+    bf16 the bf16 copies of the head weight and of that input, 2VC + 2C per token: a transient of
+    forward.
     selective keeps only the MLP input (4C) of each MLP; full keeps only each block's input (4C).
     """
     m, T = cfg.model, cfg.training.seq_len
@@ -249,9 +250,10 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
              + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D + 4 * V * C)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
     # The loss chunk lives at the end of forward, the recomputed block(s) in backward: never both.
-    # The chunk holds its logits, their fp32 copy and log-softmax; bf16: the head's operands' copies.
-    loss_chunk = min(tokens, CHUNK_TOKENS) * V * (a + 4 + (4 if a == 2 else 0)) + (2 * V * C + 2 * tokens * C
-                                                                                   if a == 2 else 0)
+    # The chunk holds its logits, their fp32 copy and log-softmax; the loss's input (fp32, 4C per token)
+    # lives through it, and under bf16 the head's operands' bf16 copies (2VC, 2C per token).
+    loss_chunk = (min(tokens, CHUNK_TOKENS) * V * (a + 4 + (4 if a == 2 else 0)) + tokens * 4 * C
+                  + (2 * V * C + tokens * 2 * C if a == 2 else 0))
     # At the last chunk's softmax, the gradients `saved` counts are not complete yet: the last
     # chunk's hidden-state gradient is still to come, and with one chunk the head's (4VC) too.
     last = tokens - CHUNK_TOKENS * ((tokens - 1) // CHUNK_TOKENS)
