@@ -11,12 +11,13 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.dist_helper import run_distributed
 from tests.utils import TINY_MODEL, max_rel, tiny_config
 from tinytron.model import GPT
 from tinytron.model.document_mask import document_layout
-from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum
+from tinytron.model.gpt import CHUNK_TOKENS, IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum
 from tinytron.training import Trainer
 
 TOL = 1e-6
@@ -47,6 +48,37 @@ def test_linear_cross_entropy_equals_plain():
         assert loss.dtype == torch.float32 and max_rel(loss, ref) < TOL, chunk
         for name, g, r in zip(("hidden", "weight"), grads, ref_grads):
             assert max_rel(g, r) < TOL, (chunk, name, max_rel(g, r))
+
+
+class _CastCounts(TorchDispatchMode):
+    """{name: dtype casts (aten._to_copy) of that tensor} over the ops run under it, forward and
+    backward."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = {id(t): n for n, t in tensors.items()}
+        self.counts = dict.fromkeys(tensors, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.names:
+            self.counts[self.names[id(args[0])]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_head_weight_cast_once_per_micro_batch():
+    """Under the Trainer's bf16 autocast (no cast cache), a training forward + backward with the
+    targets casts the head weight (tied: the embedding) to bf16 once, not once per loss chunk
+    (3 chunks here); every other matrix once too."""
+    torch.manual_seed(0)
+    T = 2 * CHUNK_TOKENS + 1
+    model = GPT(dataclasses.replace(TINY_MODEL, block_size=T, num_layer=1)).train()
+    idx = torch.randint(0, TINY_MODEL.vocab_size, (1, T + 1))
+    casts = _CastCounts({n: p for n, p in model.named_parameters() if p.dim() == 2})
+    with casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            out = model(idx[:, :-1], targets=idx[:, 1:], return_aux=True)
+        out.loss_sum.backward()
+    assert casts.counts == dict.fromkeys(casts.counts, 1)
 
 
 def _grads(model: GPT) -> dict:

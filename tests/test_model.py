@@ -8,7 +8,7 @@ import torch
 
 from tests.utils import TINY_MODEL as TINY
 from tinytron.model import GPT
-from tinytron.model.gpt import Attention, cross_entropy_sum
+from tinytron.model.gpt import Attention, apply_rope, cross_entropy_sum, swiglu
 
 
 def build(cfg=TINY, seed=0) -> GPT:
@@ -126,6 +126,47 @@ def test_fp32_parts_under_bf16_autocast():
         assert model.lm_head(x).dtype == torch.bfloat16
     expected = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
     assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+
+
+def _value_and_grad(fn, x, grad, *args):
+    x = x.detach().requires_grad_()
+    y = fn(x, *args)
+    return y.detach(), torch.autograd.grad(y, x, grad)[0]
+
+
+def _plain_rope(x, cos, sin):   # the formula autograd differentiated before
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos[:, :, None] + torch.cat((-x2, x1), dim=-1) * sin[:, :, None]).to(x.dtype)
+
+
+def _plain_swiglu(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def test_fused_rope_and_swiglu_equal_the_plain_formulas():
+    """apply_rope and swiglu (model/gpt.py: hand-written backward passes, no cast or copy
+    kernels) against autograd of the plain formulas, on a strided q view as the model passes and
+    tables whose halves differ (a mixed-up half shows): fp32 values and gradients bitwise; bf16
+    values bitwise, and RoPE's gradient is the fp32 gradient of the bf16 upstream gradient rounded
+    once (the plain formula rounds its two terms apart and adds them in bf16: not bitwise);
+    swiglu's bf16 gradient bitwise (the same kernels)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 8, 6, 16, generator=g)
+    cos, sin = torch.randn(2, 1, 8, 16, generator=g).unbind(0)   # [1, T, D], not a rotation: any table
+    rope_grad = torch.randn(2, 8, 4, 16, generator=g)
+    gate_up, act_grad = torch.randn(3, 8, 40, generator=g), torch.randn(3, 8, 20, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = qkv.to(dtype)[:, :, :4]   # q of a fused projection: not contiguous
+        y, dx = _value_and_grad(apply_rope, x, rope_grad.to(dtype), cos, sin)
+        ref, ref_dx = _value_and_grad(_plain_rope, x, rope_grad.to(dtype), cos, sin)
+        assert y.dtype == dx.dtype == dtype and torch.equal(y, ref), dtype
+        if dtype == torch.bfloat16:
+            ref_dx = _value_and_grad(_plain_rope, x.float(), rope_grad.to(dtype).float(), cos, sin)[1].to(dtype)
+        assert torch.equal(dx, ref_dx), dtype
+        assert torch.equal(_value_and_grad(swiglu, gate_up.to(dtype), act_grad.to(dtype))[1],
+                           _value_and_grad(_plain_swiglu, gate_up.to(dtype), act_grad.to(dtype))[1])
+        assert torch.equal(swiglu(gate_up.to(dtype)), _plain_swiglu(gate_up.to(dtype)))
 
 
 def test_attention_module_standalone():

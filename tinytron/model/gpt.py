@@ -35,35 +35,33 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token loss over valid targets (0 when there are none)."""
-    num_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return cross_entropy_sum(logits, targets) / num_valid
+    return cross_entropy_sum(logits, targets) / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-# Training's loss without full-vocabulary logits: the output head and the cross-entropy together,
-# a chunk of tokens at a time. A plain head + `F.cross_entropy` over B x T tokens holds [B*T, V]
-# logits, their fp32 copy, the fp32 log-softmax autograd saves and, in backward, the gradient of
-# each: several GiB at V = 50k. `linear_cross_entropy_sum` holds one chunk's logits at a time: in
-# forward it computes each chunk's logits, its loss and at once the loss's gradient with respect to
-# the chunk's hidden states and to the head weight (softmax - one-hot, times the weight or the
-# hidden states), and keeps only those two gradients for backward ([N, C] and [V, C], the sizes of
-# its inputs). Same FLOPs as the plain head (one forward and two gradient matmuls), no recompute.
-# Tokens per chunk: the fp32 logits of one chunk are 1024 x V x 4 bytes (197 MiB at V = 50304),
-# and each chunk's matmuls are still large enough to run at full rate on a GPU.
+# Training's loss without full-vocabulary logits: the head and the cross-entropy together, a chunk
+# of tokens at a time. A plain head + `F.cross_entropy` over B x T tokens holds [B*T, V] logits,
+# their fp32 copy, the fp32 log-softmax autograd saves and their gradients: GiBs at V = 50k.
+# `linear_cross_entropy_sum` computes in forward each chunk's logits, loss and at once the loss's
+# gradients w.r.t. the chunk's hidden states and the head weight (softmax - one-hot, times the
+# weight or the hidden states), and keeps only those for backward ([N, C] and [V, C]). Same FLOPs
+# as the plain head, no recompute. A chunk's fp32 logits are 1024 x V x 4 bytes (197 MiB at
+# V = 50304), and its matmuls are still large enough to run at full rate on a GPU.
 CHUNK_TOKENS = 1024
 
 
 def _chunk_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
-    """h: [n, C], weight: [V, C], t: [n] -> (the chunk's loss sum, its gradient w.r.t. h [n, C], and
-    w.r.t. weight [V, C]). A function of its own so that the chunk's logits are freed on return,
-    before the next chunk's are made."""
-    logits = F.linear(h, weight)   # [n, V], autocast's dtype
+    """h: [n, C], weight: [V, C] (both in the matmuls' dtype), t: [n] -> (the chunk's loss sum, its
+    gradient w.r.t. h [n, C], and w.r.t. weight [V, C], in the matmuls' dtype). A function of its
+    own so that the chunk's logits are freed on return, before the next chunk's are made."""
+    logits = F.linear(h, weight)   # [n, V]
     log_probs = torch.log_softmax(logits.float(), dim=-1)   # F.cross_entropy's own kernel
     valid = (t != IGNORE_INDEX)[:, None]
     target = t.clamp(min=0)[:, None]   # any index for ignored rows: they are zeroed below
     loss = -(log_probs.gather(1, target) * valid).sum()
-    # d loss / d logits = softmax - one-hot on valid rows, 0 on ignored ones; in place.
+    # d loss / d logits = softmax - one-hot on valid rows, 0 on ignored ones: in place in fp32, the
+    # last product stored into the logits' buffer (no longer needed), in their dtype: no cast kernel.
     ones = torch.ones_like(target, dtype=log_probs.dtype)
-    grad = log_probs.exp_().scatter_add_(1, target, -ones).mul_(valid).to(logits.dtype)
+    grad = torch.mul(log_probs.exp_().scatter_add_(1, target, -ones), valid, out=logits)
     return loss, grad @ weight, grad.t() @ h
 
 
@@ -75,25 +73,28 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens):
         # No in-place writes into what is saved for backward: torch 2.11's compiler saved such a
-        # buffer as it was before the writes (zero gradients under --use_compile).
+        # buffer as it was before the writes (zero gradients under --use_compile). The matmuls'
+        # operands are cast once here (autocast would cast the V x C weight twice in every chunk).
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
         losses, grad_hidden, grad_weight = [], [], None
-        for start in range(0, hidden.shape[0], chunk_tokens):
+        for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            chunk_loss, chunk_grad_hidden, chunk_grad_weight = _chunk_loss_and_grads(hidden[rows], weight,
-                                                                                    targets[rows])
+            chunk_loss, chunk_grad_hidden, chunk_grad_weight = _chunk_loss_and_grads(h[rows], w, targets[rows])
             losses.append(chunk_loss)
-            grad_hidden.append(chunk_grad_hidden.to(hidden.dtype))
+            grad_hidden.append(chunk_grad_hidden)
             grad_weight = chunk_grad_weight.float() if grad_weight is None else grad_weight + chunk_grad_weight
         loss = torch.stack(losses).sum()
-        grad_hidden = torch.cat(grad_hidden)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(torch.cat(grad_hidden), grad_weight)   # in the matmuls' dtype; fp32
+        ctx.dtypes = hidden.dtype, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+        grad_hidden = grad_hidden * grad_loss.reshape(1)   # [1], not 0-dim: an fp32 product, no cast kernel
+        return grad_hidden.to(ctx.dtypes[0]), (grad_weight * grad_loss).to(ctx.dtypes[1]), None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -138,12 +139,65 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
+# RoPE and SwiGLU with hand-written backward passes, so that eager PyTorch runs them without cast or
+# copy kernels (benchmarks/casts.py): autograd of the plain formulas casts bf16 q, k to fp32 and back
+# and concatenates rotated halves, in forward and backward, and SwiGLU's gate and up gradients. Here
+# each half of a result is one op computing in fp32 (RoPE's tables' dtype), stored in x's dtype into
+# its half of the output (`out=`): the plain forward's bits, the backward's fp32 math rounded once.
+# torch.compile cannot trace `out=` into half a tensor: there a cat, fused with the casts.
+def _rotate(x: torch.Tensor, c1, c2, s1, s2) -> torch.Tensor:
+    """x: [..., D] with halves x1, x2; fp32 table halves -> (x1 c1 - x2 s1, x2 c2 + x1 s2), x's dtype."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    if torch.compiler.is_compiling():
+        return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1).to(x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.sub(x1 * c1, x2 * s1, out=out[..., :h])
+    torch.add(x2 * c2, x1 * s2, out=out[..., h:])
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        tables = (*cos.chunk(2, dim=-1), *sin.chunk(2, dim=-1))
+        ctx.save_for_backward(*tables)
+        return _rotate(x, *tables)
+
+    @staticmethod
+    def backward(ctx, grad):   # the transposed rotation: (g1 c1 + g2 s2, g2 c2 - g1 s1), same bits
+        c1, c2, s1, s2 = ctx.saved_tensors
+        return _rotate(grad, c1, c2, -s2, -s1), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B or 1, T, D] -> x rotated, same shape and dtype as x."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    """x: [B, T, H, D]; cos, sin: [B or 1, T, D] fp32 -> x rotated in fp32, x's shape and dtype."""
+    return _Rope.apply(x, cos.unsqueeze(2), sin.unsqueeze(2))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """gate_up: [..., 2I] (the fused gate and up projections' output) -> silu(gate) * up, [..., I]."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)   # what autograd of the plain formula keeps
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):   # autograd's kernels for the plain formula
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():
+            return torch.cat((torch.ops.aten.silu_backward(grad * up, gate), grad * act), dim=-1)
+        out = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :gate.shape[-1]])
+        torch.mul(grad, act, out=out[..., gate.shape[-1]:])
+        return out
+
+
+swiglu = _SwiGLU.apply
 
 
 # Attention on F.scaled_dot_product_attention. The core op (`CausalAttention`: q, k, v -> output, no
@@ -171,10 +225,8 @@ class CausalAttention(nn.Module):
         if document_mask is not None:
             return document_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                       document_mask, dropout_p).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=dropout_p, is_causal=True,
-            enable_gqa=q.shape[2] != k.shape[2])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           dropout_p=dropout_p, is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
         return y.transpose(1, 2)
 
 
@@ -195,13 +247,11 @@ class Attention(nn.Module):
                 document_mask: DocumentMask | None = None) -> torch.Tensor:
         """x: [B, T, C] (T = local chunk under sequence parallelism); cos, sin: [B or 1, T, D] for
         the global positions of those tokens; document_mask over the full sequences -> [B, T, C]."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-             self.num_kv_heads * self.head_dim], dim=-1)
-        q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        (B, T, _), H, Kv, D = x.shape, self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, Kv * D, Kv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D), cos, sin)
+        k = apply_rope(k.view(B, T, Kv, D), cos, sin)
+        v = v.view(B, T, Kv, D)
         y = self.core_attention(q, k, v, document_mask)
         return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
 
@@ -217,8 +267,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.dropout(self.down_proj(F.silu(gate) * up))
+        return self.dropout(self.down_proj(swiglu(self.gate_up_proj(x))))
 
 
 class Block(nn.Module):
@@ -318,12 +367,11 @@ class GPT(nn.Module):
         attention only inside documents (document_mask.py; None: plain causal), built over the
         FULL sequences, also when idx is a sequence-parallel chunk of them.
 
-        Returns logits [B, T, V], or (logits, loss) when targets are given, loss being the mean
-        token cross-entropy over valid targets plus the auxiliary (MoE) loss. In training mode with
-        targets the loss is computed chunk by chunk without full-vocabulary logits
-        (linear_cross_entropy_sum), and logits is None. With `return_aux`, a `GPTOutput` instead,
-        with the loss's sum over tokens (for a caller that divides by its own token count, e.g.
-        over all sequence-parallel chunks)."""
+        Returns logits [B, T, V], or (logits, loss) with targets, loss being the mean token
+        cross-entropy over valid targets plus the auxiliary (MoE) loss. In training mode with targets
+        the loss is computed by chunks without full-vocabulary logits (linear_cross_entropy_sum) and
+        logits is None. With `return_aux`, a `GPTOutput` instead, with the loss's sum over tokens
+        (for a caller dividing by its own token count, e.g. over all sequence-parallel chunks)."""
         if position_ids is None:
             position_ids = torch.arange(idx.shape[1], device=idx.device)[None]
         cos, sin = self.rope(position_ids)

@@ -217,13 +217,16 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
                      + 16k (token order) + k(2aC + 4aI) (sorted tokens, expert SwiGLU and
                      output per slot) + 4kC (expert outputs in fp32 for the weighted sum)
                      [+ 4E + 4 with z-loss]
-      final          8C + 4 + 4C (final norm; the loss's gradient w.r.t. its fp32 input)
+      final          8C + 4 + aC (final norm; the loss's gradient w.r.t. its input, in the
+                     matmuls' dtype until backward)
     plus the int64 token ids, 8(T + 1) per sequence, and their flattened copy for the embedding,
     8 T/sep; per micro-batch RoPE's cos/sin, 8 T/sep D, and the loss's fp32 gradient of the head
     weight, 4VC. No [tokens, V] logits are saved: the loss (model/gpt.py) runs over chunks of at
-    most CHUNK_TOKENS tokens, each holding its logits (a), their fp32 log-softmax and, under bf16,
-    an fp32 copy of the logits and the bf16 gradient: (a + 4 + (4 if a = 2)) V per token of a chunk
-    (the micro-batch's tokens when fewer), a transient of forward.
+    most CHUNK_TOKENS tokens, each holding its logits (a, then their gradient), their fp32
+    log-softmax and, under bf16, an fp32 copy of the logits: (a + 4 + (4 if a = 2)) V per token of
+    a chunk (the micro-batch's tokens when fewer), the loss's fp32 input, 4C per token, and under
+    bf16 the bf16 copies of the head weight and of that input, 2VC + 2C per token: a transient of
+    forward.
     selective keeps only the MLP input (4C) of each MLP; full keeps only each block's input (4C).
     """
     m, T = cfg.model, cfg.training.seq_len
@@ -243,16 +246,18 @@ def activation_bytes(cfg: Config, batch_size: int, sep_size: int, mode: str) -> 
         mlp = a * C + 4 * a * m.intermediate_size
     layer = {"none": 2 * norm + attn + mlp, "selective": norm + attn + 4 * C, "full": 4 * C}[mode]
     tokens = batch_size * (T // sep_size)
-    saved = (tokens * (m.num_layer * layer + norm + 4 * C + 8)
+    saved = (tokens * (m.num_layer * layer + norm + a * C + 8)
              + batch_size * (T + 1) * 8 + 8 * (T // sep_size) * D + 4 * V * C)
     recompute = {"none": 0, "selective": norm + mlp, "full": 2 * norm + attn + mlp}[mode]
     # The loss chunk lives at the end of forward, the recomputed block(s) in backward: never both.
-    # The chunk holds its logits, their fp32 copy and log-softmax, and the loss's input (4C per token).
-    loss_chunk = min(tokens, CHUNK_TOKENS) * (V * (a + 4 + (4 if a == 2 else 0)) + 4 * C)
+    # The chunk holds its logits, their fp32 copy and log-softmax; the loss's input (fp32, 4C per token)
+    # lives through it, and under bf16 the head's operands' bf16 copies (2VC, 2C per token).
+    loss_chunk = (min(tokens, CHUNK_TOKENS) * V * (a + 4 + (4 if a == 2 else 0)) + tokens * 4 * C
+                  + (2 * V * C + tokens * 2 * C if a == 2 else 0))
     # At the last chunk's softmax, the gradients `saved` counts are not complete yet: the last
     # chunk's hidden-state gradient is still to come, and with one chunk the head's (4VC) too.
     last = tokens - CHUNK_TOKENS * ((tokens - 1) // CHUNK_TOKENS)
-    loss_chunk -= 4 * C * last + (4 * V * C if tokens <= CHUNK_TOKENS else 0)
+    loss_chunk -= a * C * last + (4 * V * C if tokens <= CHUNK_TOKENS else 0)
     # A recomputed block lives with the gradients of its output and input (fp32, 4C per token each).
     # (The Trainer's autocast keeps no cast cache, which would hold every layer's bf16 weight copy
     # until forward ends, checkpointed layers' too.)

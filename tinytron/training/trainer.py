@@ -242,7 +242,7 @@ class Trainer:
         if self.config.training.precision == "bf16":
             # No cast cache: it would keep every layer's bf16 weight copy until forward ends, also
             # where activation checkpointing frees the layer (14 GiB at 7B); each weight is cast
-            # once per forward anyway (the chunked head once per chunk: a cast of V x C, cheap).
+            # once per forward anyway (the chunked head's too: benchmarks/casts.py counts them).
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return nullcontext()
 
