@@ -1,7 +1,8 @@
 """--fsdp --optimizer muon (distributed/fsdp/muon.py: each Muon matrix gathered whole on its owner,
 stepped by torch.optim.Muon, returned to FSDP2's row shards) against the single-process
 torch.optim.Muon + AdamW reference of tests/test_muon.py and against ZeRO-1's Muon on the same
-layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the plan's bytes exact.
+layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the plan's bytes exact,
+its step transient against the measured peak of the step; owners balanced on skewed shapes.
 
 Layouts (5 steps, gradient accumulation: 16 sequences of a step over dp 2 x micro-batch 2): world 2
 dense dp 2 (--num_workers 2, the default; resumed at step 3 on the same layout) and MoE sep 2 (each
@@ -18,7 +19,8 @@ differences, below which no layout can be compared. In fp32 the layouts differ f
 by summation order only: 1e-5 relative (measured here: weights <= 2.4e-6, the saved momenta and
 AdamW moments <= 4e-7, on every run; a planted bug, one owner's rows in the wrong order, moves
 them by far more and fails every parity test), the optimizer state's step counts exactly.
-Two spawned jobs (world 2, then world 4, which resumes world-2 checkpoints) serve all tests.
+Two spawned jobs (world 2, then world 4, which resumes world-2 checkpoints) serve all tests; the
+world-2 job also takes one --fsdp Muon step on each SKEWED model (fractions of a second).
 """
 
 import numpy as np
