@@ -1,7 +1,8 @@
 """--fsdp --optimizer muon (distributed/fsdp/muon.py: each Muon matrix gathered whole on its owner,
 stepped by torch.optim.Muon, returned to FSDP2's row shards) against the single-process
 torch.optim.Muon + AdamW reference of tests/test_muon.py and against ZeRO-1's Muon on the same
-layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the plan's bytes exact.
+layout; checkpoints interchanged with ZeRO-1 across world and SEP sizes; the plan's bytes exact,
+its step transient against the measured peak of the step; owners balanced on skewed shapes.
 
 Layouts (5 steps, gradient accumulation: 16 sequences of a step over dp 2 x micro-batch 2): world 2
 dense dp 2 (--num_workers 2, the default; resumed at step 3 on the same layout) and MoE sep 2 (each
@@ -18,20 +19,26 @@ differences, below which no layout can be compared. In fp32 the layouts differ f
 by summation order only: 1e-5 relative (measured here: weights <= 2.4e-6, the saved momenta and
 AdamW moments <= 4e-7, on every run; a planted bug, one owner's rows in the wrong order, moves
 them by far more and fails every parity test), the optimizer state's step counts exactly.
-Two spawned jobs (world 2, then world 4, which resumes world-2 checkpoints) serve all tests.
+Two spawned jobs (world 2, then world 4, which resumes world-2 checkpoints) serve all tests; the
+world-2 job also takes one --fsdp Muon step on each SKEWED model (fractions of a second).
 """
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 
 from tests.dist_helper import run_distributed
 from tests.test_muon import MOE, MUON, STEPS, _resume_at_step_3, _saved_state, _weights, newton_schulz_fp32, reference
 from tests.test_parallel_training import RecordingTrainer, assert_same
-from tests.test_plan import measured_state
-from tests.utils import rel, tiny_config
+from tests.test_plan import _local, measured_state
+from tests.utils import PeakMemory, rel, tiny_config
+from tinytron.distributed.fsdp import FSDPOptimizer
 from tinytron.training.config import ConfigError, resume_changes, validate_config
-from tinytron.training.memory import fsdp_muon_buffer_bytes, fsdp_state_bytes
+from tinytron.training.memory import _breakdown, fsdp_muon_buffer_bytes, fsdp_state_bytes, muon_step_bytes
 
 # --num_workers 2 (the default) in the first run only: DataLoader workers start in ~25 s per run on
 # the 2-core CI machine, and the data order does not depend on them (tests/test_sampler.py).
@@ -54,19 +61,72 @@ WORLD4 = {
 }
 
 
+# Muon matrices of skewed shapes ([rows, columns], in the optimizer's order), each list one model
+# sharded over the world: with equal elements per matrix but rows and columns far apart, owners
+# balanced by any measure other than elements (columns, rows, matrices) pile most matrices on one rank.
+SKEWED = {
+    "a wide matrix beside tall ones": [(8, 1024)] + [(1024, 8)] * 5,
+    "a tall matrix beside wide ones": [(1024, 8)] + [(8, 1024)] * 5,
+    "large and small alternating": [(256, 256), (8, 8)] * 3,
+}
+
+
+def _skewed_momentum_bytes() -> dict:
+    """{case: this rank's Muon momentum bytes} after one --fsdp Muon step (FSDPOptimizer over FSDP2
+    dim-0 shards over the world, torch.optim.Muon) of a module holding the SKEWED matrices."""
+    out = {}
+    for name, shapes in SKEWED.items():
+        model = nn.Module()
+        model.weights = nn.ParameterList(nn.Parameter(torch.randn(shape)) for shape in shapes)
+        fully_shard(model, mesh=DeviceMesh.from_group(dist.group.WORLD, "cpu"))
+        muon = torch.optim.Muon([{"params": list(model.parameters()), "whole_matrices": True}], lr=1e-3)
+        optimizer = FSDPOptimizer(muon, model, dist.group.WORLD)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        out[name] = sum(st["momentum_buffer"].nbytes for st in muon.state.values())
+    return out
+
+
+def _params_grads_and_state(trainer) -> list:
+    params = list(trainer.model.parameters())
+    state = [t for st in trainer.optimizer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    return params + [p.grad for p in params if p.grad is not None] + state
+
+
 def _run(log_dir: str, layouts: dict, sources: dict) -> dict:
     """{name: (history [steps, 3], run folder, this rank's measured state bytes, its last step's
-    Muon buffer bytes under FSDP)} for every layout, in this world."""
+    Muon buffer bytes under FSDP and its Muon momentum bytes, the peak of the tensors its last
+    optimizer step allocated)} for every layout, in this world; in world 2 also "skewed":
+    `_skewed_momentum_bytes`."""
     torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
-    out = {}
+    out = {"skewed": _skewed_momentum_bytes()} if dist.get_world_size() == 2 else {}
     for i, (name, (flags, source)) in enumerate(layouts.items()):
         resume = ["--resume_path", _resume_at_step_3((out.get(source) or sources[source])[1])] if source else []
         trainer = RecordingTrainer(tiny_config(f"{log_dir}/{i}", *flags, *resume))
         trainer.history, trainer.val_history = [], []
+        whole, step_peak = getattr(trainer.optimizer, "_whole", None), []
+        if whole:   # the last step's optimizer step, under PeakMemory (momentum exists by then)
+            step, calls, last = trainer.optimizer.step, [], trainer.total_steps - trainer.step
+
+            def measured_step(trainer=trainer, step=step, calls=calls, last=last, step_peak=step_peak):
+                calls.append(None)
+                if len(calls) < last:
+                    return step()
+                peak = PeakMemory()   # what the step allocates beyond the tensors it finds
+                peak.hold(_local(t) for t in _params_grads_and_state(trainer))
+                before = peak.now
+                with peak:
+                    step()
+                step_peak.append(peak.peak - before)
+            trainer.optimizer.step = measured_step
         trainer.train()
-        whole = getattr(trainer.optimizer, "_whole", None)
-        out[name] = (np.array(trainer.history), trainer.run_dir, measured_state(trainer),
-                     dict(whole.transient) if whole else None)
+        buffers = None
+        if whole:
+            momentum = sum(st["momentum_buffer"].nbytes for st in trainer.optimizer.optimizer.state.values()
+                           if "momentum_buffer" in st)
+            buffers = {**whole.transient, "momentum": momentum, "step_peak": step_peak[0]}
+        out[name] = (np.array(trainer.history), trainer.run_dir, measured_state(trainer), buffers)
     return out
 
 
@@ -154,16 +214,38 @@ def test_muon_checkpoints_interchange_with_zero1(runs, references, name):
 
 @pytest.mark.parametrize("name", ["dense dp2", "moe sep2", "dense dp2 sep2", "moe dp2 sep2"])
 def test_plan_counts_fsdp_muon_bytes_exactly(runs, name):
-    """Every rank's params, grads and optimizer state (AdamW's shards + the momentum of the
-    matrices it owns) and the buffers of its last Muon step (the gather's send / recv and whole
-    matrices, the return's send / recv) equal the plan's, byte for byte."""
+    """Every term of the plan under --fsdp Muon against what the run holds: every rank's params,
+    grads and optimizer state (AdamW's shards + the momentum of the matrices it owns), its Muon
+    momentum alone, and the buffers of its last Muon step (the gather's send / recv and whole
+    matrices, the return's send / recv) equal the plan's, byte for byte; the step transient the
+    plan adds to the peak is Muon's own update (`muon_step_bytes`) + the largest rank's gather
+    buffers (send + recv + whole, all live at the gather's end) as measured, and covers the peak
+    of the tensors the measured optimizer step allocates. Checked against a planted bug: the
+    whole matrices left out of the plan's step transient."""
     world = len(runs[name])
     cfg = tiny_config("/unused", *(WORLD2 if world == 2 else WORLD4)[name][0])
     planned_state, planned_buffers = fsdp_state_bytes(cfg, world), fsdp_muon_buffer_bytes(cfg, world)
     for rank, (_, _, state, buffers) in enumerate(runs[name]):
         assert state == {k: v for k, v in planned_state[rank].items() if k != "in_flight"}, (name, rank)
-        assert buffers == {k: v for k, v in planned_buffers[rank].items() if k != "momentum"}, (name, rank)
+        assert {k: v for k, v in buffers.items() if k != "step_peak"} == planned_buffers[rank], (name, rank)
     assert planned_buffers[0]["momentum"] > 0
+    measured = [buffers for _, _, _, buffers in runs[name]]
+    transient = _breakdown(cfg, world, device="cpu")["step_transient"]
+    assert transient == muon_step_bytes(cfg) + max(b["send"] + b["recv"] + b["whole"] for b in measured)
+    assert max(b["step_peak"] for b in measured) <= transient, (name, measured, transient)
+
+
+def test_fsdp_muon_owners_within_the_zero1_bound_on_skewed_shapes(runs):
+    """Each rank's Muon momentum after a real --fsdp Muon step (world 2) on skewed matrix shapes
+    (SKEWED) is at most the ZeRO-1 owners' bound, 1/N of the Muon bytes plus one matrix, and the
+    ranks together hold every matrix's momentum once. Checked against planted bugs: owners
+    balanced by columns (the first case fails), by rows (the second) or by matrix count (the
+    third), each putting 5 of 6 equal matrices, or all large ones, on one rank."""
+    for name, shapes in SKEWED.items():
+        owned = [rank[name] for rank in runs["skewed"]]
+        sizes = [4 * rows * cols for rows, cols in shapes]   # fp32 momentum
+        assert sum(owned) == sum(sizes), (name, owned)
+        assert max(owned) <= sum(sizes) / len(owned) + max(sizes), (name, owned)
 
 
 def test_fsdp_muon_is_accepted_and_the_optimizer_is_fixed_on_resume(tmp_path):

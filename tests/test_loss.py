@@ -50,6 +50,33 @@ def test_linear_cross_entropy_equals_plain():
             assert max_rel(g, r) < TOL, (chunk, name, max_rel(g, r))
 
 
+def test_linear_cross_entropy_at_every_chunk_remainder():
+    """Chunk sizes c = 7 and 5 over N = 1 .. 2c + 2 tokens: every remainder of N modulo c (0: the
+    last chunk full, 1: a one-token last chunk, ..., c - 1), after 0, 1 and 2 full chunks, so most
+    counts are not multiples of c. The loss and both gradients equal the plain head +
+    F.cross_entropy in fp32 (the last token's target ignored at odd N).
+    Checked against a planted bug: the loop stopping one chunk early when N % c == 1 (the last
+    one-token chunk dropped: 8 tokens at chunk 7 lose a token's loss and backward fails on the
+    gradient's shape)."""
+    torch.manual_seed(0)
+    C, V = 8, 29
+    weight = torch.randn(V, C, requires_grad=True)
+    for chunk in (7, 5):
+        for n in range(1, 2 * chunk + 3):   # remainders 0..c-1, with 0, 1 and 2 full chunks before
+            hidden = torch.randn(1, n, C, requires_grad=True)
+            targets = torch.randint(0, V, (1, n))
+            if n % 2:
+                targets[0, -1] = IGNORE_INDEX
+            ref = F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), targets.flatten(),
+                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            ref_grads = torch.autograd.grad(ref, (hidden, weight))
+            loss = linear_cross_entropy_sum(hidden, weight, targets, chunk)
+            assert max_rel(loss, ref) < TOL, (chunk, n, loss, ref)
+            grads = torch.autograd.grad(loss, (hidden, weight))
+            for name, g, r in zip(("hidden", "weight"), grads, ref_grads):
+                assert max_rel(g, r) < TOL, (chunk, n, name, max_rel(g, r))
+
+
 class _CastCounts(TorchDispatchMode):
     """{name: dtype casts (aten._to_copy) of that tensor} over the ops run under it, forward and
     backward."""

@@ -155,13 +155,23 @@ def test_flag_typos_are_refused_with_the_nearest_flag(tmp_path):
 
 
 def test_items_of_the_wrong_length_are_one_line(tmp_path):
-    class Short(Trainer):
+    """Items one token short and one token long in the training set, and one long in the
+    validation set: each refused in one line naming the set, the class and both lengths. Checked
+    against a planted bug: the check accepting items longer than --seq_len + 1 (`<` for `!=`)."""
+    class Resized(Trainer):
+        which, extra = 0, 0   # the set resized (0: training, 1: validation); tokens added or removed
+
         def _init_dataset(self):
-            train, val = super()._init_dataset()
-            return [train[i][:-1] for i in range(len(train))], val
-    with pytest.raises(ConfigError, match=r"^item 0 of the training set \(list\) has 16 tokens; each item must "
-                       r"hold --seq_len \+ 1 = 17 \(inputs and next-token targets\)$"):
-        Short(tiny_config(tmp_path))
+            sets = list(super()._init_dataset())
+            resize = (lambda x: x[:self.extra]) if self.extra < 0 else (lambda x: torch.cat([x, x[:self.extra]]))
+            sets[self.which] = [resize(sets[self.which][i]) for i in range(len(sets[self.which]))]
+            return sets
+    for which, extra in ((0, -1), (0, 1), (1, 1)):
+        Resized.which, Resized.extra = which, extra
+        name = ("training", "validation")[which]
+        with pytest.raises(ConfigError, match=rf"^item 0 of the {name} set \(list\) has {17 + extra} tokens; each "
+                           r"item must hold --seq_len \+ 1 = 17 \(inputs and next-token targets\)$"):
+            Resized(tiny_config(tmp_path))
 
 
 def test_custom_data_is_part_of_the_run_identity(tmp_path):
@@ -188,6 +198,34 @@ def test_custom_data_is_part_of_the_run_identity(tmp_path):
     again = train_on(0)
     assert again.returncode == 2
     assert again.stderr.strip().startswith(f"error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
+
+
+def test_each_sampled_item_of_custom_data_is_in_the_run_identity(tmp_path):
+    """A Trainer with its own data (lists of 41 training / 9 validation windows): the same data
+    (new, equal tensors) finds the same run folder; one token changed in the first, middle or last
+    item (0, n // 2, n - 1) of either set gives a folder of its own, each a different one. Checked
+    against planted bugs: the middle item not hashed (`{0, n - 1}`), the validation set not hashed."""
+    def windows(n, seed):
+        return [w for w in torch.randint(0, 64, (n, 17), generator=torch.Generator().manual_seed(seed))]
+
+    class Custom(Trainer):
+        change = None   # (set: 0 training / 1 validation, item index) whose first token is changed
+
+        def _init_dataset(self):
+            sets = [windows(41, 0), windows(9, 1)]
+            if self.change:
+                which, i = self.change
+                sets[which][i] = sets[which][i].clone()
+                sets[which][i][0] = (sets[which][i][0] + 1) % 64
+            return tuple(sets)
+    folder = Custom(tiny_config(tmp_path, "--no-do_save")).run_dir
+    assert Custom(tiny_config(tmp_path, "--no-do_save")).run_dir == folder
+    changed = {}
+    for which, n in ((0, 41), (1, 9)):
+        for i in (0, n // 2, n - 1):
+            Custom.change = (which, i)
+            changed[which, i] = os.path.basename(Custom(tiny_config(tmp_path, "--no-do_save")).run_dir)
+    assert len(set(changed.values()) - {os.path.basename(folder)}) == 6, (os.path.basename(folder), changed)
 
 
 def test_a_run_shorter_than_its_warmup_warns(tmp_path, capsys):
@@ -231,17 +269,45 @@ def _error_lines(stderr: str) -> list[str]:
             if line.strip() and not re.match(r"W\d{4} ", line) and not line.startswith("[launch] python: ")]
 
 
+RAISING_WORKER = """
+from tinytron.training import Trainer, run
+
+
+class Raising(Trainer):
+    def _init_dataset(self):
+        raise ValueError("test error in _init_dataset")
+
+
+if __name__ == "__main__":
+    run(Raising)
+"""
+
+
 def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
     """tinytron-torchrun (torchrun with the same flags) and the scripts (which run it): bad input
     the workers find is the one line, printed once, exit 2, with nothing from torchrun (no log of
     failed workers, no traceback): a typo, and through a script a --device the machine lacks (only
-    workers find it: the preflight checks flags), also when torchrun restarts the workers."""
+    workers find it: the preflight checks flags), also when torchrun restarts the workers.
+    Any other failure, a worker that raises, keeps torchrun's exit 1 and its report (the worker's
+    traceback and line, torchrun's table of failed workers). Checked against a planted bug:
+    every failed job turned into exit 2 without torchrun's report."""
+    tinytron_torchrun = [os.path.join(os.path.dirname(sys.executable), "tinytron-torchrun"), "--standalone"]
     typo = "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
     r = subprocess.run(["bash", "-c", doc_command("docs/parallelism.md", "torchrun", "--log_dir", str(tmp_path),
                                                   "--max_step", "5")],
                        cwd=REPO, capture_output=True, text=True, timeout=120,
                        env=launch_env(os.path.dirname(sys.executable)))
     assert (r.returncode, _error_lines(r.stderr)) == (2, [typo]), r.stderr
+
+    (tmp_path / "raising.py").write_text(RAISING_WORKER)
+    r = subprocess.run([*tinytron_torchrun, "--nproc_per_node", "1", str(tmp_path / "raising.py"), *TINY_FLAGS,
+                        "--log_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "ValueError: test error in _init_dataset\nerror: rank 0: ValueError: test error in _init_dataset\n" \
+        in r.stderr, r.stderr
+    assert re.search(r"ChildFailedError: \n=+\n\S*raising.py FAILED\n", r.stderr), r.stderr
+    assert re.search(r"Root Cause \(first observed failure\):\n\[0\]:\n(.*\n)*  exitcode  : 1 \(pid", r.stderr), \
+        r.stderr
 
     if not torch.cuda.is_available():   # README's real-data example, on a device the machine lacks
         r = subprocess.run(["bash", "-c", doc_command("README.md", "example", "--log_dir", str(tmp_path),
@@ -251,6 +317,23 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
         assert (r.returncode, _error_lines(r.stderr)) == (2, [
             "error: --device cuda but no CUDA device is available (--device auto picks CUDA when there is one, "
             "else the CPU)"]), r.stderr
+
+
+def test_launcher_without_torch_is_one_line(tmp_path):
+    """scripts/launch.sh (through scripts/debug_cpu/pretrain.sh) with TINYTRON_PYTHON naming a
+    Python without torch (a fresh venv of this interpreter, no packages): one line naming it, exit
+    2, before anything runs. Checked against a planted bug: the launcher's `import torch` check
+    skipped (the user then gets the preflight's ModuleNotFoundError traceback, exit 1)."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=60)
+    python = str(bare / "bin" / "python")
+    r = subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--log_dir", str(tmp_path / "logs")], cwd=REPO,
+                       capture_output=True, text=True, timeout=60,
+                       env={**launch_env(), "TINYTRON_PYTHON": python})
+    assert (r.returncode, r.stderr.splitlines()) == (2, [
+        "error: no Python with torch found (tried $TINYTRON_PYTHON, $VIRTUAL_ENV, .venv/bin/python, python3 on "
+        f"PATH: {python} has no torch); install as README.md says or set TINYTRON_PYTHON"]), r.stderr
+    assert not (tmp_path / "logs").exists()
 
 
 def test_debug_cpu_script_runs(tmp_path):

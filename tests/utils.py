@@ -105,9 +105,11 @@ def process_tree(root: int) -> list[int]:
 class PeakMemory(TorchDispatchMode):
     """The peak bytes of the tensor storages alive at once while the mode is on, seen op by op:
     what a caching allocator's `max_memory_allocated` counts on CUDA, measured on CPU (where torch
-    keeps no such statistic). Storages made before the mode are not counted unless passed to
-    `hold`. Each op's outputs are counted after the storages freed before it are dropped; buffers a
-    kernel allocates and frees inside itself are not seen."""
+    keeps no such statistic). A storage made before the mode is counted once an op returns a view
+    of it (a param's or grad's shard): to measure what a region allocates, `hold` the tensors that
+    exist before it and subtract `now` from the peak. Each op's outputs are counted after the
+    storages freed before it are dropped; buffers a kernel allocates and frees inside itself are
+    not seen."""
 
     def __init__(self):
         super().__init__()
