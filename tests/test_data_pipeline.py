@@ -231,4 +231,4 @@ def test_tokenize_command(tmp_path, docs, capsys):
         tokenize_main(["--dataset", str(tmp_path / "nowhere.jsonl"), "--tokenizer", str(TOKENIZER),
                        "--cache_dir", str(tmp_path / "cache")])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.startswith("error: --dataset")
+    assert capsys.readouterr().err.startswith("[tinytron] error: --dataset")

@@ -170,7 +170,7 @@ def test_restart_with_resume_path_continues_its_own_checkpoints(base_run, tmp_pa
     run_dir = tiny_config(tmp_path, "--max_steps", "12").run_dir
     assert r.stdout.count(f"resumed from {ckpt_path(base_run, 4)} at step 4 (data step 4, new branch)") == 1
     assert f"resumed from {ckpt_path(run_dir, 8)} at step 8 (data step 8)" in r.stdout
-    assert "resume: --max_steps 8 -> 12" in r.stdout
+    assert "[tinytron] resume: --max_steps 8 -> 12" in r.stdout
     assert sorted(read_log(run_dir)) == list(range(4, 12)) and _metrics_steps(run_dir) == list(range(4, 12))
     assert complete_steps(run_dir) == [6, 8, 10, 12] and complete_steps(base_run) == [2, 4, 6, 8]
 
@@ -216,7 +216,7 @@ def test_changed_hyper_parameters_act_on_resume(base_run, tmp_path):
     old = tiny_config(tmp_path)
     for flag, value in NEW_HPARAMS.items():
         was = vars(old.optim).get(flag[2:], vars(old.training).get(flag[2:]))
-        assert r.stdout.count(f"resume: {flag} {was} -> {type(was)(value)}") == 1, flag
+        assert r.stdout.count(f"[tinytron] resume: {flag} {was} -> {type(was)(value)}") == 1, flag
     cfg = tiny_config(tmp_path, *flags)
     got = read_state(os.path.join(ckpt_path(cfg.run_dir, 5), "model"))
     o = cfg.optim
@@ -241,7 +241,7 @@ def test_unreadable_newest_checkpoint_falls_back(base_run, tmp_path):
     os.truncate(shard, os.path.getsize(shard) // 2)
     r = cli("pretrain_debug.py", *TINY_FLAGS, *DEFAULT_WORKERS, *EVERY_2, "--log_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"warning: model state in {bad} is corrupt or unreadable" in r.stderr
+    assert f"[tinytron] warning: model state in {bad} is corrupt or unreadable" in r.stderr
     assert f"resumed from {ckpt_path(run_dir, 6)} at step 6" in r.stdout
     (aside,) = os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED))
     assert os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED, aside)) == ["step_00000008"]

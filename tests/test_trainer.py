@@ -113,7 +113,7 @@ def _cli(*flags, nproc=None):
 def test_bad_flags_one_line_error(tmp_path, flags, message):
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), *flags)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and message in r.stderr
+    assert r.stderr.strip() == f"[tinytron] error: {r.stderr.strip()[18:]}" and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -124,7 +124,7 @@ def test_torch_older_than_the_floor_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: torch 2.10.1+cu128 is installed; Tinytron needs torch >= 2.11 " \
+    assert r.stderr.strip() == "[tinytron] error: torch 2.10.1+cu128 is installed; Tinytron needs torch >= 2.11 " \
         "(pip install 'torch>=2.11')"
 
 
@@ -150,7 +150,7 @@ def test_flag_typos_are_refused_with_the_nearest_flag(tmp_path):
     """No prefix matching: `--max_step` is not taken for --max_steps."""
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--max_step", "5")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
+    assert r.stderr.strip() == "[tinytron] error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
 
 
 def test_items_of_the_wrong_length_are_one_line(tmp_path):
@@ -211,7 +211,7 @@ def test_custom_data_is_part_of_the_run_identity(tmp_path):
     assert sorted(read_log(tmp_path / "logs" / run_b)) == list(range(8))
     again = train_on("a.pt")
     assert again.returncode == 2
-    assert again.stderr.strip().startswith(f"error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
+    assert again.stderr.strip().startswith(f"[tinytron] error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
 
 
 def test_a_run_shorter_than_its_warmup_warns(tmp_path, capsys):
@@ -242,17 +242,24 @@ def test_bad_flag_fails_on_every_rank(tmp_path):
              for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=60)
-        assert p.returncode == 2 and err.strip() == "error: world size 2 is not divisible by --sep_size 3"
+        assert p.returncode == 2 and err.strip() == "[tinytron] error: world size 2 is not divisible by --sep_size 3"
     # Under torchrun the job fails as a whole (torchrun stops the other rank once one has failed).
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--sep_size", "3", nproc=2)
-    assert r.returncode != 0 and "error: world size 2 is not divisible by --sep_size 3" in r.stderr
+    assert r.returncode != 0 and "[tinytron] error: world size 2 is not divisible by --sep_size 3" in r.stderr
     assert "trainer.py" not in r.stderr  # no traceback from our code
 
 
 def _error_lines(stderr: str) -> list[str]:
     """stderr without torchrun's OMP_NUM_THREADS notice (W... lines) and the launcher's python line."""
     return [line for line in stderr.splitlines()
-            if line.strip() and not re.match(r"W\d{4} ", line) and not line.startswith("[launch] python: ")]
+            if line.strip() and not re.match(r"W\d{4} ", line) and not line.startswith("[tinytron] python: ")]
+
+
+def _unprefixed(r: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a run's console (stdout and stderr) without the project's prefix, other than
+    torch's own log lines (W1207 12:00:00 ...) and the progress bar's redraws (split at \\r)."""
+    return [line for text in (r.stdout, r.stderr) for line in re.split(r"[\r\n]", text)
+            if line.strip() and not line.startswith("[tinytron] ") and not re.match(r"[WIE]\d{4} |\s*\d+%\|", line)]
 
 
 def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
@@ -260,7 +267,7 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
     the workers find is the one line, printed once, exit 2, with nothing from torchrun (no log of
     failed workers, no traceback): a typo, and through a script a --device the machine lacks (only
     workers find it: the preflight checks flags), also when torchrun restarts the workers."""
-    typo = "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
+    typo = "[tinytron] error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "tinytron-torchrun"), "--standalone",
                         "--nproc_per_node", "2", "pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(tmp_path),
                         "--max_step", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -271,19 +278,28 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=180,
                            env={**launch_env(), "MAX_RESTARTS": "1"})
         assert (r.returncode, _error_lines(r.stderr)) == (2, [
-            "error: --device cuda but no CUDA device is available (--device auto picks CUDA when there is one, "
-            "else the CPU)"]), r.stderr
+            "[tinytron] error: --device cuda but no CUDA device is available (--device auto picks CUDA when there "
+            "is one, else the CPU)"]), r.stderr
 
 
 def test_debug_cpu_script_runs(tmp_path):
-    """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data. The same
-    command again finds the finished run: one line naming it, exit 2, no traceback (the launcher's
-    preflight, before torchrun); resumed by a longer run (no MASTER_PORT: a free port) it goes on."""
+    """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data; every line
+    the project prints carries the [tinytron] prefix. The same command again finds the finished run:
+    one line naming it, exit 2, no traceback (the launcher's preflight, before torchrun). Its
+    advice, followed (--resume_path <run> and a larger --max_steps; no MASTER_PORT: a free port),
+    trains a new run folder from the run's last checkpoint and says so in the start block; that
+    command, run again once finished (a finished run started with --resume_path), is again the
+    preflight's one line."""
     logs = tmp_path / "logs"
 
     def script(*flags, **env):
         return subprocess.run(["bash", "scripts/debug_cpu/pretrain.sh", "--log_dir", str(logs), *flags],
                               cwd=REPO, capture_output=True, text=True, timeout=180, env={**launch_env(), **env})
+
+    def advice(run, step):
+        return (f"[tinytron] error: {run} is complete at step {step} of {step}: to train it further, run with "
+                f"--resume_path {run} and a --max_steps above {step}, which starts a new run folder from its last "
+                "checkpoint; for a new run, another --exp_name or --log_dir")
     r = script("--max_steps", "12", MASTER_PORT=str(free_port()))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[tinytron] warning: --val_every_steps 20 > the run's 12 steps: validation runs once, at the end" in r.stdout
@@ -292,14 +308,18 @@ def test_debug_cpu_script_runs(tmp_path):
     assert len(losses) == 12 and losses[11] < losses[0]
     again = script("--max_steps", "12", MASTER_PORT=str(free_port()))
     assert again.returncode == 2
-    assert again.stderr.splitlines() == [f"[launch] python: {sys.executable}",
-                                         f"error: {run_dir} is complete at step 12 of 12: to train it further, "
-                                         f"add --resume_path {run_dir} and a larger --max_steps; for a new run, "
-                                         "another --exp_name or --log_dir"]
+    assert again.stderr.splitlines() == [f"[tinytron] python: {sys.executable}", advice(run_dir, 12)]
     more = script("--max_steps", "14", "--resume_path", run_dir)   # --max_steps is in the run's hash
     assert more.returncode == 0, more.stderr[-2000:]
     (longer,) = [os.path.join(logs, d) for d in os.listdir(logs) if os.path.join(logs, d) != run_dir]
     assert sorted(read_log(longer)) == [12, 13]
+    assert f"[tinytron] run folder: {longer} (new, from {run_dir}/checkpoints/step_00000012 at step 12)" \
+        in more.stdout.splitlines()
+    assert "[tinytron] resume: --max_steps 12 -> 14" in more.stdout.splitlines()
+    assert _unprefixed(r) == [] and _unprefixed(more) == [], (_unprefixed(r), _unprefixed(more))
+    finished = script("--max_steps", "14", "--resume_path", run_dir)
+    assert (finished.returncode, finished.stderr.splitlines()) == (
+        2, [f"[tinytron] python: {sys.executable}", advice(longer, 14)])
 
 
 def test_trainer_matches_a_plain_pytorch_loop(tmp_path):
