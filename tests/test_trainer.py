@@ -14,6 +14,8 @@ import torch
 from tests.dist_helper import free_port, run_distributed
 from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
+from tinytron.data.token_dataset import TokenWindowDataset
+from tinytron.data.tokenize import INDEX_FILE, TOKENS_FILE
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import find_latest, list_complete
 from tinytron.training.config import ConfigError
@@ -103,6 +105,7 @@ def _cli(*flags, nproc=None):
     (["--resume_path", "/nonexistent/run"], "--resume_path /nonexistent/run does not exist"),
     (["--skip_data_steps", "-1"], "--skip_data_steps -1 must be >= 0"),
     (["--grad_clip_value", "-1"], "--grad_clip_value -1.0 must be >= 0"),
+    (["--max_lr", "-1e-3"], "--max_lr -0.001 must be positive"),   # a negative number in e-notation is a value
     (["--keep_last_n_checkpoints", "-2"], "--keep_last_n_checkpoints -2 must be >= 0"),
     (["--log_expert_load"], "--log_expert_load needs --use_moe"),
     (["--seq_len", "15", "--sep_size", "1", "--block_size", "8"], "--seq_len 15 exceeds --block_size 8"),
@@ -163,6 +166,39 @@ def test_items_of_the_wrong_length_are_one_line(tmp_path):
         Short(tiny_config(tmp_path))
 
 
+def test_token_ids_past_vocab_size_are_one_line_before_the_first_step(tmp_path):
+    """Ids >= --vocab_size (64 here) in a checked item (the first, middle and last of each set), or
+    anywhere in a token cache that records its largest id (index.json's max_token_id, as
+    tokenize.py writes it): a one-line ConfigError naming --vocab_size as the Trainer is built, and
+    no run folder."""
+    class Past(Trainer):
+        def _init_dataset(self):
+            train, val = super()._init_dataset()
+            items = [train[i] for i in range(len(train))]
+            items[128] = torch.full_like(items[128], 64)
+            return items, val
+    with pytest.raises(ConfigError, match=r"^item 128 of the training set \(list\) holds token id 64, not below "
+                       r"--vocab_size 64$"):
+        Past(tiny_config(tmp_path))
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tokens = np.arange(2000, dtype=np.uint16) % 60
+    tokens[500] = 64   # in training window 31, not one of the checked 0, 56 and 111
+    tokens.tofile(cache / TOKENS_FILE)
+    (cache / INDEX_FILE).write_text(json.dumps({
+        "num_tokens": 2000, "dtype": "uint16", "vocab_size": 65, "max_token_id": 64, "eos_token_id": 0,
+        "tokenizer": "words", "splits": {"train": [0, 1800], "val": [1800, 2000]}}))
+
+    class Cached(Trainer):
+        def _init_dataset(self):
+            return TokenWindowDataset(cache, 16, "train"), TokenWindowDataset(cache, 16, "val")
+    with pytest.raises(ConfigError, match=r"^the training set \(TokenWindowDataset\) holds token ids up to 64 \(its "
+                       r"token cache's max_token_id\), not below --vocab_size 64$"):
+        Cached(tiny_config(tmp_path))
+    assert os.listdir(tmp_path) == ["cache"]
+
+
 CUSTOM_DATA_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
@@ -212,6 +248,20 @@ def test_custom_data_is_part_of_the_run_identity(tmp_path):
     again = train_on("a.pt")
     assert again.returncode == 2
     assert again.stderr.strip().startswith(f"[tinytron] error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
+
+    # Ids past --vocab_size only where the checks before the first step do not look (not in the
+    # first, middle or last item of a set): the first batch ends the run, in one line, exit 2, and
+    # the run folder it had made is gone.
+    valid = torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(2))
+    past = torch.full((5000,), 64)
+    for start in (0, 124 * 16, 248 * 16, 4000, 4000 + 31 * 16, 4000 + 61 * 16):   # the checked windows
+        past[start:start + 17] = valid[start:start + 17]
+    torch.save(past, tmp_path / "past.pt")
+    r = train_on("past.pt")
+    lines = [line for line in re.split(r"[\r\n]", r.stderr) if line.strip() and not re.match(r"\s*\d+%\|", line)]
+    assert (r.returncode, lines) == (2, ["[tinytron] error: a batch of step 0 holds token id 64, not below "
+                                         "--vocab_size 64"]), r.stderr
+    assert sorted(os.listdir(tmp_path / "logs")) == sorted([run_a, run_b])
 
 
 def test_a_run_shorter_than_its_warmup_warns(tmp_path, capsys):
