@@ -366,7 +366,8 @@ def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
     holding another model shape or another --seq_len; a --resume_path whose model shard or
     optimizer shard is truncated (named explicitly: no fallback); a --log_dir
     under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
-    with one line on stderr starting with "[tinytron] error:" and leaves every existing file as it was."""
+    with one line on stderr starting with "[tinytron] error:", leaves every existing file as it was,
+    and creates no run folder."""
     src_dir, _ = resume_and_train(tmp_path / "src")
     cases = {}
     for name in ("model/__0_0.distcp", "optimizer/__0_0.distcp"):
@@ -397,3 +398,4 @@ def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("[tinytron] error: "), f"{name}: {err}"
         assert cases[name][2] in lines[0], f"{name}: {lines[0]}"
         assert snapshot(str(cases[name][1])) == before[name], name
+    assert not (tmp_path / "other").exists()   # runs that never started leave no run folder

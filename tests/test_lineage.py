@@ -30,6 +30,7 @@ from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.model import GPT
 from tinytron.training import Trainer
 from tinytron.training import checkpoint as ckpt
+from tinytron.training.config import ConfigError
 from tinytron.training.metrics import METRICS_FILE, read_records
 from tinytron.training.schedule import lr_at
 
@@ -126,6 +127,37 @@ def test_skip_data_steps_shifts_the_data_and_resumes_bitwise(base_run, skip_bran
     trainer.train()
     assert read_log(run_dir) == branch_log
     assert_same_tensors(final, kept)
+
+
+def test_a_finished_branch_says_how_to_go_on_and_that_does_it(skip_branch, tmp_path, capsys):
+    """The skip branch's command (--resume_path <its step 4> --skip_data_steps 3) run again once
+    finished: one line, before the start block, whose advice leaves out --skip_data_steps. Followed
+    (--resume_path <run>, a larger --max_steps), it starts a new run folder from step 8 and says so;
+    the data order goes on where the branch stopped (step s trains on data step s + 3: the offset
+    is kept, neither reset nor skipped again), and no --skip_data_steps change is printed."""
+    run_dir = copy_run(skip_branch[0], tmp_path)
+    capsys.readouterr()
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny_config(tmp_path, *_rewind(run_dir)))
+    assert str(e.value) == (
+        f"{run_dir} is complete at step 8 of 8: to train it further, run with --resume_path {run_dir} and a "
+        "--max_steps above 8, without --skip_data_steps (its data offset carries over), which starts a new run "
+        "folder from its last checkpoint; for a new run, another --exp_name or --log_dir")
+    assert "run folder:" not in capsys.readouterr().out
+    trainer = RecordingTrainer(tiny_config(tmp_path, *EVERY_2, "--resume_path", run_dir, "--max_steps", "10"))
+    trainer.seen = {}
+    out = capsys.readouterr().out.splitlines()
+    assert (trainer.step, trainer.data_offset) == (8, 3) and trainer.run_dir != run_dir
+    assert f"[tinytron] run folder: {trainer.run_dir} (new, from {ckpt_path(run_dir, 8)} at step 8)" in out
+    assert "[tinytron] resume: --max_steps 8 -> 10" in out and not [line for line in out if "skip_data" in line]
+    trainer.train()
+    cfg = trainer.config
+    t = cfg.training
+    data = MockDataset(cfg.data.mock_data_num_samples, t.seq_len, cfg.model.vocab_size, t.seed, "train")
+    sampler = GlobalBatchSampler(len(data), t.total_batch_size // t.seq_len, t.batch_size, 0, 1, t.seed)
+    assert sorted(trainer.seen) == [8, 9]
+    for step, micro in trainer.seen.items():
+        assert torch.equal(torch.cat(micro), torch.stack([data[int(i)] for i in sampler.indices_of_step(step + 3)]))
 
 
 def _metrics_steps(run_dir: str) -> list[int]:

@@ -332,6 +332,23 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
             "is one, else the CPU)"]), r.stderr
 
 
+def test_preflight_reports_bad_paths_before_any_worker(tmp_path, monkeypatch, capsys):
+    """What scripts/launch.sh runs before torchrun (the entry point under TINYTRON_PREFLIGHT, in one
+    process): a --resume_path that does not exist, a --log_dir under a file: one line, exit 2, and
+    nothing created."""
+    from tinytron.training import run
+    monkeypatch.setenv("TINYTRON_PREFLIGHT", "2")
+    (tmp_path / "afile").write_text("")
+    missing, under_file = tmp_path / "logs" / "does_not_exist", tmp_path / "afile" / "logs"
+    for flags, line in [(["--resume_path", str(missing)], f"--resume_path {missing} does not exist"),
+                        (["--log_dir", str(under_file)], f"--log_dir {under_file} is not writable "
+                                                         f"({tmp_path / 'afile'} is a file)")]:
+        with pytest.raises(SystemExit) as e:
+            run(argv=[*TINY_FLAGS, "--log_dir", str(tmp_path / "logs"), *flags])
+        assert e.value.code == 2 and capsys.readouterr().err == f"[tinytron] error: {line}\n"
+    assert os.listdir(tmp_path) == ["afile"]
+
+
 def test_debug_cpu_script_runs(tmp_path):
     """The README's laptop command, shortened: torchrun, 2 processes, gloo, mock data; every line
     the project prints carries the [tinytron] prefix. The same command again finds the finished run:
