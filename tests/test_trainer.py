@@ -144,7 +144,7 @@ def test_console_says_where_things_are(tmp_path):
                  "[tinytron] data: MockDataset, 256 training / 25 validation sequences",
                  f"[tinytron] TensorBoard: tensorboard --logdir {run_dir}/tb"):
         assert line in lines, (line, lines[:12])
-    assert [line.split("|")[0].split()[1] for line in lines if "| val loss" in line] == ["3", "7"]
+    assert [line.split("|")[0].split()[-1] for line in lines if "| val loss" in line] == ["3", "7"]
     saved = [line for line in lines if line.startswith("[tinytron] saved ")]
     assert [s.split()[2] for s in saved] == [f"{run_dir}/checkpoints/step_0000000{n}" for n in (4, 8)], saved
 
