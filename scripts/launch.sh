@@ -26,11 +26,11 @@ else
   PYTHON=$(command -v python3 || true)
 fi
 if [ -z "$PYTHON" ] || ! "$PYTHON" -c 'import torch' 2>/dev/null; then
-  echo "error: no Python with torch found (tried \$TINYTRON_PYTHON, \$VIRTUAL_ENV, .venv/bin/python, python3" \
+  echo "[tinytron] error: no Python with torch found (tried \$TINYTRON_PYTHON, \$VIRTUAL_ENV, .venv/bin/python, python3" \
     "on PATH${PYTHON:+: $PYTHON has no torch}); install as README.md says or set TINYTRON_PYTHON" >&2
   exit 2
 fi
-echo "[launch] python: $PYTHON" >&2
+echo "[tinytron] python: $PYTHON" >&2
 
 NUM_NODES=${NUM_NODES:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -107,11 +107,11 @@ launch() {
   stop=$(cat "$TINYTRON_STOP_FILE")
   rm -f "$TINYTRON_STOP_FILE"
   if [ -n "$stop" ]; then
-    echo "[launch] the workers stopped on ${stop% *} after saving step ${stop#* } (torchrun exit $rc): exit 0" >&2
+    echo "[tinytron] the workers stopped on ${stop% *} after saving step ${stop#* } (torchrun exit $rc): exit 0" >&2
     rc=0
     if [ "${stop% *}" = SIGUSR1 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_PROCID:-0}" = 0 ]; then
-      echo "[launch] requeueing SLURM job $SLURM_JOB_ID" >&2
-      scontrol requeue "$SLURM_JOB_ID" || echo "[launch] scontrol requeue $SLURM_JOB_ID failed" >&2
+      echo "[tinytron] requeueing SLURM job $SLURM_JOB_ID" >&2
+      scontrol requeue "$SLURM_JOB_ID" || echo "[tinytron] scontrol requeue $SLURM_JOB_ID failed" >&2
     fi
   fi
   exit "$rc"

@@ -334,7 +334,7 @@ def nan_stop(tmp_path_factory):
 
 
 def _max_skipped_error(run_dir: str) -> str:
-    return (f"error: 3 consecutive steps with a non-finite loss or grad norm (--max_skipped_steps 3) "
+    return (f"[tinytron] error: 3 consecutive steps with a non-finite loss or grad norm (--max_skipped_steps 3) "
             f"at step 4; last good checkpoint: {ckpt_path(run_dir, 4)}")
 
 
@@ -366,7 +366,8 @@ def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
     holding another model shape or another --seq_len; a --resume_path whose model shard or
     optimizer shard is truncated (named explicitly: no fallback); a --log_dir
     under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
-    with one line on stderr starting with "error:" and leaves every existing file as it was."""
+    with one line on stderr starting with "[tinytron] error:", leaves every existing file as it was,
+    and creates no run folder."""
     src_dir, _ = resume_and_train(tmp_path / "src")
     cases = {}
     for name in ("model/__0_0.distcp", "optimizer/__0_0.distcp"):
@@ -394,6 +395,7 @@ def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=120)
         lines = err.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err}"
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("[tinytron] error: "), f"{name}: {err}"
         assert cases[name][2] in lines[0], f"{name}: {lines[0]}"
         assert snapshot(str(cases[name][1])) == before[name], name
+    assert not (tmp_path / "other").exists()   # runs that never started leave no run folder

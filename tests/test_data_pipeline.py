@@ -66,6 +66,7 @@ def test_jsonl_tokens_windows_and_split(tmp_path, docs, reference):
     expected = _expected(docs, reference)
     assert tokens.dtype == np.uint16 and index["vocab_size"] == 4096 and index["num_documents"] == 4
     assert index["num_tokens"] == len(expected) and tokens.tolist() == expected
+    assert index["max_token_id"] == max(expected) and TokenWindowDataset(path, 64).max_token_id == max(expected)
 
     n, seq_len = len(expected), 64
     boundary = n - round(0.1 * n)
@@ -164,7 +165,7 @@ def test_dtype_and_missing_eos(tmp_path):
     big = _word_tokenizer(tmp_path / "big", 70_000, eos="</s>")
     index, tokens = _read_cache(prepare_token_shards(str(corpus), big, tmp_path / "cache"))
     assert index["dtype"] == "uint32" and index["vocab_size"] == 70_000 and index["eos_token_id"] == 69_999
-    assert tokens.tolist() == [65535, 65536, 3, 69_999, 69_998, 0, 69_999]
+    assert tokens.tolist() == [65535, 65536, 3, 69_999, 69_998, 0, 69_999] and index["max_token_id"] == 69_999
 
     no_eos = _word_tokenizer(tmp_path / "noeos", 100, eos=None)
     with pytest.raises(ValueError, match="has no EOS token"):
@@ -231,4 +232,4 @@ def test_tokenize_command(tmp_path, docs, capsys):
         tokenize_main(["--dataset", str(tmp_path / "nowhere.jsonl"), "--tokenizer", str(TOKENIZER),
                        "--cache_dir", str(tmp_path / "cache")])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.startswith("error: --dataset")
+    assert capsys.readouterr().err.startswith("[tinytron] error: --dataset")

@@ -144,14 +144,20 @@ def test_bad_flags(flags, message, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "nowhere", "--tasks", str(TASK)], "error: --checkpoint nowhere does not exist"),
-    (["--checkpoint", ".", "--tasks", "nowhere.jsonl"], r"error: nowhere.jsonl: cannot read \(FileNotFoundError\)"),
-    (["--checkpoint", ".", "--tasks", ""], "error: '' names no task file"),
-    (["--checkpoint", ".", "--tasks", " , "], "error: ' , ' names no task file"),
+    (["--checkpoint", "nowhere", "--tasks", str(TASK)], "--checkpoint nowhere does not exist"),
+    (["--checkpoint", ".", "--tasks", "nowhere.jsonl"], "nowhere.jsonl: cannot read (FileNotFoundError)"),
+    (["--checkpoint", ".", "--tasks", ""], "'' names no task file"),
+    (["--checkpoint", ".", "--tasks", " , "], "' , ' names no task file"),
+    (["--checkpoint", ".", "--tasks", "BAD"], "BAD line 2: not JSON (Expecting value)"),   # a bad task file
 ])
-def test_tinytron_eval_errors(args, message):
-    with pytest.raises(SystemExit, match=message):
-        eval_main(args + ["--device", "cpu"])
+def test_tinytron_eval_errors(args, message, tmp_path, capsys):
+    """Bad input of tinytron-eval, as of every command: one line, exit 2."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "endings": ["b", "c"], "label": 0}\nnot json\n')
+    with pytest.raises(SystemExit) as exit_:
+        eval_main([str(bad) if a == "BAD" else a for a in args] + ["--device", "cpu"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"[tinytron] error: {message.replace('BAD', str(bad))}\n"
 
 
 @pytest.mark.parametrize("line, message", [

@@ -113,9 +113,9 @@ def test_stuck_rank_fails_the_job_within_the_timeout(tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode != 0 and elapsed < 60, (elapsed, err[-3000:])
     assert len(workers) == 2 and not any(_alive(p) for p in workers)
-    assert "error: rank 0: collective failed (a rank died or exceeded --dist_timeout_minutes 0.1)" in err
+    assert "[tinytron] error: rank 0: collective failed (a rank died or exceeded --dist_timeout_minutes 0.1)" in err
     assert "Timed out" in err.split("error: rank 0:")[1].splitlines()[0]
-    assert "error: rank 1: collective failed" in err
+    assert "[tinytron] error: rank 1: collective failed" in err
     for pid in workers:  # torchrun's failure summary: both left through run()'s error path
         assert re.search(rf"exitcode\s*: 1 \(pid: {pid}\)", err), err[-2000:]
     assert "trainer.py" not in err  # one line each, no traceback from our code

@@ -146,9 +146,9 @@ def test_boundary_accepted_and_just_past_refused(flag, side):
         return
     inside, outside = edges
     context = RANGES[flag][1 if side == "low" else 2]
-    def given(value: str) -> list[str]:   # "--flag=-5e-324": argparse takes "-5e-324" alone for an option
+    def given(value: str) -> list[str]:   # as typed: "--max_lr -5e-324", a negative number as its own argument
         nargs = _numeric_flags(build_parser())[flag].nargs
-        return [flag, *[value] * nargs] if nargs else [f"{flag}={value}"]
+        return [flag, *[value] * (nargs or 1)]
     _validate(*context, *given(inside))
     _refused([*context, *given(outside)], flag, outside)
 

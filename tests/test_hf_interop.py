@@ -244,7 +244,11 @@ def test_cli_export_and_generate(tmp_path, capsys):
     out = tmp_path / "hf"
     r = _cli("tinytron.commands.export", "--checkpoint", str(run), "--out", str(out), "--tokenizer", str(TOKENIZER))
     assert r.returncode == 0, r.stderr
-    assert "exported step 10" in r.stdout
+    assert r.stdout.startswith("[tinytron] exported step 10 ")
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     hf = AutoModelForCausalLM.from_pretrained(str(out))
     assert hf.generation_config.eos_token_id == tokenizer.eos_token_id == 0
@@ -260,11 +264,25 @@ def test_cli_export_and_generate(tmp_path, capsys):
     generate_main(["--checkpoint", str(step), "--tokenizer", str(TOKENIZER), *args])
     assert capsys.readouterr().out.rstrip("\n") == expected
 
-    for bad in (tmp_path / "nowhere", run / "checkpoints" / "step_00000020"):
-        with pytest.raises(SystemExit) as exit_:  # sys.exit(message): status 1, message on stderr
-            export_main(["--checkpoint", str(bad), "--out", str(tmp_path / "x")])
-        assert str(exit_.value.code).startswith("error: --checkpoint") and "\n" not in str(exit_.value.code)
+    # Bad input: one line, exit 2, nothing written. An existing export is not overwritten unless asked.
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    for args, message in [
+        (["--checkpoint", str(tmp_path / "nowhere")], f"--checkpoint {tmp_path / 'nowhere'}"),
+        (["--checkpoint", str(run / "checkpoints" / "step_00000020")], "--checkpoint "),
+        (["--checkpoint", str(run), "--tokenizer", str(tmp_path / "no_tokenizer")],
+         f"--tokenizer {tmp_path / 'no_tokenizer'}: no such folder"),
+        (["--checkpoint", str(run), "--out", str(out)],
+         f"--out {out} is not empty: name a new folder, or add --overwrite to replace its files"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            export_main(["--out", str(tmp_path / "x"), *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"[tinytron] error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    export_main(["--checkpoint", str(step), "--out", str(out), "--dtype", "bf16", "--overwrite"])
+    assert capsys.readouterr().out.startswith("[tinytron] exported step 10 ")
+    assert load_file(out / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
 
 
 def test_generate_text_sampling_is_seeded():

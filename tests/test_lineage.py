@@ -30,6 +30,7 @@ from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.model import GPT
 from tinytron.training import Trainer
 from tinytron.training import checkpoint as ckpt
+from tinytron.training.config import ConfigError
 from tinytron.training.metrics import METRICS_FILE, read_records
 from tinytron.training.schedule import lr_at
 
@@ -128,6 +129,37 @@ def test_skip_data_steps_shifts_the_data_and_resumes_bitwise(base_run, skip_bran
     assert_same_tensors(final, kept)
 
 
+def test_a_finished_branch_says_how_to_go_on_and_that_does_it(skip_branch, tmp_path, capsys):
+    """The skip branch's command (--resume_path <its step 4> --skip_data_steps 3) run again once
+    finished: one line, before the start block, whose advice leaves out --skip_data_steps. Followed
+    (--resume_path <run>, a larger --max_steps), it starts a new run folder from step 8 and says so;
+    the data order goes on where the branch stopped (step s trains on data step s + 3: the offset
+    is kept, neither reset nor skipped again), and no --skip_data_steps change is printed."""
+    run_dir = copy_run(skip_branch[0], tmp_path)
+    capsys.readouterr()
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny_config(tmp_path, *_rewind(run_dir)))
+    assert str(e.value) == (
+        f"{run_dir} is complete at step 8 of 8: to train it further, run with --resume_path {run_dir} and a "
+        "--max_steps above 8, without --skip_data_steps (its data offset carries over), which starts a new run "
+        "folder from its last checkpoint; for a new run, another --exp_name or --log_dir")
+    assert "run folder:" not in capsys.readouterr().out
+    trainer = RecordingTrainer(tiny_config(tmp_path, *EVERY_2, "--resume_path", run_dir, "--max_steps", "10"))
+    trainer.seen = {}
+    out = capsys.readouterr().out.splitlines()
+    assert (trainer.step, trainer.data_offset) == (8, 3) and trainer.run_dir != run_dir
+    assert f"[tinytron] run folder: {trainer.run_dir} (new, from {ckpt_path(run_dir, 8)} at step 8)" in out
+    assert "[tinytron] resume: --max_steps 8 -> 10" in out and not [line for line in out if "skip_data" in line]
+    trainer.train()
+    cfg = trainer.config
+    t = cfg.training
+    data = MockDataset(cfg.data.mock_data_num_samples, t.seq_len, cfg.model.vocab_size, t.seed, "train")
+    sampler = GlobalBatchSampler(len(data), t.total_batch_size // t.seq_len, t.batch_size, 0, 1, t.seed)
+    assert sorted(trainer.seen) == [8, 9]
+    for step, micro in trainer.seen.items():
+        assert torch.equal(torch.cat(micro), torch.stack([data[int(i)] for i in sampler.indices_of_step(step + 3)]))
+
+
 def _metrics_steps(run_dir: str) -> list[int]:
     return [r["step"] for r in read_records(os.path.join(run_dir, METRICS_FILE))]
 
@@ -170,7 +202,7 @@ def test_restart_with_resume_path_continues_its_own_checkpoints(base_run, tmp_pa
     run_dir = tiny_config(tmp_path, "--max_steps", "12").run_dir
     assert r.stdout.count(f"resumed from {ckpt_path(base_run, 4)} at step 4 (data step 4, new branch)") == 1
     assert f"resumed from {ckpt_path(run_dir, 8)} at step 8 (data step 8)" in r.stdout
-    assert "resume: --max_steps 8 -> 12" in r.stdout
+    assert "[tinytron] resume: --max_steps 8 -> 12" in r.stdout
     assert sorted(read_log(run_dir)) == list(range(4, 12)) and _metrics_steps(run_dir) == list(range(4, 12))
     assert complete_steps(run_dir) == [6, 8, 10, 12] and complete_steps(base_run) == [2, 4, 6, 8]
 
@@ -216,7 +248,7 @@ def test_changed_hyper_parameters_act_on_resume(base_run, tmp_path):
     old = tiny_config(tmp_path)
     for flag, value in NEW_HPARAMS.items():
         was = vars(old.optim).get(flag[2:], vars(old.training).get(flag[2:]))
-        assert r.stdout.count(f"resume: {flag} {was} -> {type(was)(value)}") == 1, flag
+        assert r.stdout.count(f"[tinytron] resume: {flag} {was} -> {type(was)(value)}") == 1, flag
     cfg = tiny_config(tmp_path, *flags)
     got = read_state(os.path.join(ckpt_path(cfg.run_dir, 5), "model"))
     o = cfg.optim
@@ -241,7 +273,7 @@ def test_unreadable_newest_checkpoint_falls_back(base_run, tmp_path):
     os.truncate(shard, os.path.getsize(shard) // 2)
     r = cli("pretrain_debug.py", *TINY_FLAGS, *DEFAULT_WORKERS, *EVERY_2, "--log_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"warning: model state in {bad} is corrupt or unreadable" in r.stderr
+    assert f"[tinytron] warning: model state in {bad} is corrupt or unreadable" in r.stderr
     assert f"resumed from {ckpt_path(run_dir, 6)} at step 6" in r.stdout
     (aside,) = os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED))
     assert os.listdir(os.path.join(run_dir, "checkpoints", ckpt.ABANDONED, aside)) == ["step_00000008"]

@@ -207,4 +207,4 @@ def test_trainer_missing_sink_package_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path),
                         "--wandb_project", "p"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: --wandb_project needs the wandb package: pip install -e '.[track]'"
+    assert r.stderr.strip() == "[tinytron] error: --wandb_project needs the wandb package: pip install -e '.[track]'"

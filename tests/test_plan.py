@@ -140,4 +140,4 @@ def test_plan_command(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main([*flags, "--sep_size", "3"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: world size 8 is not divisible by --sep_size 3"
+    assert capsys.readouterr().err.strip() == "[tinytron] error: world size 8 is not divisible by --sep_size 3"

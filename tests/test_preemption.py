@@ -102,7 +102,7 @@ def _check_stop(job, log_dir, before: list[int], sig: str, resumed: int = 0) -> 
     ckpt = list_complete(os.path.join(run_dir, "checkpoints"))[-1]
     assert sorted(os.listdir(os.path.join(ckpt, "rng"))) == ["rank0.pt", "rank1.pt"]
     assert f"[tinytron] {sig}: saved step {reached}, exiting" in job.output()
-    assert f"[launch] the workers stopped on {sig} after saving step {reached}" in job.output("stderr")
+    assert f"[tinytron] the workers stopped on {sig} after saving step {reached}" in job.output("stderr")
     assert "DataLoader worker" not in job.output("stderr")
     return reached
 
@@ -207,14 +207,14 @@ def test_error_on_one_rank_ends_every_rank_with_its_line(tmp_path):
         job = start(_torchrun(tmp_path / "raise", "tests/signal_worker.py", *flags, "--log_dir", str(tmp_path / "a")),
                     tmp_path / "raise-out", env={"TEST_RAISE_IN": "evaluate@8@1"})
         cases["raise"] = (job, _worker_exit_times(job), 1,
-                          "error: rank 1: ValueError: test error in evaluate at step 8")
+                          "[tinytron] error: rank 1: ValueError: test error in evaluate at step 8")
         ckpt = list_complete(os.path.join(_run_dir(tmp_path / "a"), "checkpoints"))[-1]
         assert ckpt.endswith("step_00000004")  # the save of step 8 comes after its validation
         rng = os.path.join(ckpt, "rng", "rank1.pt")
         os.truncate(rng, os.path.getsize(rng) // 2)
         job = start(_torchrun(tmp_path / "rng", "pretrain_debug.py", *flags, "--log_dir", str(tmp_path / "b"),
                               "--resume_path", ckpt), tmp_path / "rng-out")
-        cases["rng"] = (job, _worker_exit_times(job), 2, "error: ")
+        cases["rng"] = (job, _worker_exit_times(job), 2, "[tinytron] error: ")
     for name, (job, exits, code, line) in cases.items():
         assert len(exits) == 2 and max(exits.values()) - min(exits.values()) < 5, (name, exits)
         assert max(exits.values()) < 180, (name, exits)  # from the job's start; the timeout is 600 s
@@ -226,9 +226,11 @@ def test_error_on_one_rank_ends_every_rank_with_its_line(tmp_path):
 
 
 BAD_PATHS = {
-    "dataset": (["--dataset", "/nonexistent.txt"], "error: --dataset /nonexistent.txt: no such file or folder"),
-    "tokenizer": (["--tokenizer", "/nonexistent"], "error: --tokenizer /nonexistent: no such folder"),
-    "vocab": (["--vocab_size", "100"], "error: --vocab_size 100 is smaller than the tokenizer's vocabulary 4096"),
+    "dataset": (["--dataset", "/nonexistent.txt"],
+                "[tinytron] error: --dataset /nonexistent.txt: no such file or folder"),
+    "tokenizer": (["--tokenizer", "/nonexistent"], "[tinytron] error: --tokenizer /nonexistent: no such folder"),
+    "vocab": (["--vocab_size", "100"],
+              "[tinytron] error: --vocab_size 100 is smaller than the tokenizer's vocabulary 4096"),
 }
 
 

@@ -184,4 +184,5 @@ def test_pretrain_example_blends_two_corpora(tmp_path):
     bad = subprocess.run([sys.executable, "pretrain_example.py", *flags, "--dataset_weights", "0.7,x"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == "error: --dataset_weights '0.7,x' must be comma-separated numbers"
+    assert bad.stderr.strip().splitlines()[-1] == \
+        "[tinytron] error: --dataset_weights '0.7,x' must be comma-separated numbers"

@@ -15,6 +15,8 @@ from tests.dist_helper import free_port, run_distributed
 from tests.docs import doc_block, doc_command, doc_output
 from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
+from tinytron.data.token_dataset import TokenWindowDataset
+from tinytron.data.tokenize import INDEX_FILE, TOKENS_FILE
 from tinytron.training import Trainer
 from tinytron.training.checkpoint import find_latest, list_complete
 from tinytron.training.config import ConfigError
@@ -104,6 +106,7 @@ def _cli(*flags, nproc=None):
     (["--resume_path", "/nonexistent/run"], "--resume_path /nonexistent/run does not exist"),
     (["--skip_data_steps", "-1"], "--skip_data_steps -1 must be >= 0"),
     (["--grad_clip_value", "-1"], "--grad_clip_value -1.0 must be >= 0"),
+    (["--max_lr", "-1e-3"], "--max_lr -0.001 must be positive"),   # a negative number in e-notation is a value
     (["--keep_last_n_checkpoints", "-2"], "--keep_last_n_checkpoints -2 must be >= 0"),
     (["--log_expert_load"], "--log_expert_load needs --use_moe"),
     (["--seq_len", "15", "--sep_size", "1", "--block_size", "8"], "--seq_len 15 exceeds --block_size 8"),
@@ -114,7 +117,7 @@ def _cli(*flags, nproc=None):
 def test_bad_flags_one_line_error(tmp_path, flags, message):
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), *flags)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and message in r.stderr
+    assert r.stderr.strip() == f"[tinytron] error: {r.stderr.strip()[18:]}" and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -125,7 +128,7 @@ def test_torch_older_than_the_floor_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: torch 2.10.1+cu128 is installed; Tinytron needs torch >= 2.11 " \
+    assert r.stderr.strip() == "[tinytron] error: torch 2.10.1+cu128 is installed; Tinytron needs torch >= 2.11 " \
         "(pip install 'torch>=2.11')"
 
 
@@ -142,7 +145,7 @@ def test_console_says_where_things_are(tmp_path):
                  "[tinytron] data: MockDataset, 256 training / 25 validation sequences",
                  f"[tinytron] TensorBoard: tensorboard --logdir {run_dir}/tb"):
         assert line in lines, (line, lines[:12])
-    assert [line.split("|")[0].split()[1] for line in lines if "| val loss" in line] == ["3", "7"]
+    assert [line.split("|")[0].split()[-1] for line in lines if "| val loss" in line] == ["3", "7"]
     saved = [line for line in lines if line.startswith("[tinytron] saved ")]
     assert [s.split()[2] for s in saved] == [f"{run_dir}/checkpoints/step_0000000{n}" for n in (4, 8)], saved
 
@@ -151,7 +154,7 @@ def test_flag_typos_are_refused_with_the_nearest_flag(tmp_path):
     """No prefix matching: `--max_step` is not taken for --max_steps."""
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--max_step", "5")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
+    assert r.stderr.strip() == "[tinytron] error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
 
 
 def test_items_of_the_wrong_length_are_one_line(tmp_path):
@@ -174,6 +177,39 @@ def test_items_of_the_wrong_length_are_one_line(tmp_path):
             Resized(tiny_config(tmp_path))
 
 
+def test_token_ids_past_vocab_size_are_one_line_before_the_first_step(tmp_path):
+    """Ids >= --vocab_size (64 here) in a checked item (the first, middle and last of each set), or
+    anywhere in a token cache that records its largest id (index.json's max_token_id, as
+    tokenize.py writes it): a one-line ConfigError naming --vocab_size as the Trainer is built, and
+    no run folder."""
+    class Past(Trainer):
+        def _init_dataset(self):
+            train, val = super()._init_dataset()
+            items = [train[i] for i in range(len(train))]
+            items[128] = torch.full_like(items[128], 64)
+            return items, val
+    with pytest.raises(ConfigError, match=r"^item 128 of the training set \(list\) holds token id 64, not below "
+                       r"--vocab_size 64$"):
+        Past(tiny_config(tmp_path))
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tokens = np.arange(2000, dtype=np.uint16) % 60
+    tokens[500] = 64   # in training window 31, not one of the checked 0, 56 and 111
+    tokens.tofile(cache / TOKENS_FILE)
+    (cache / INDEX_FILE).write_text(json.dumps({
+        "num_tokens": 2000, "dtype": "uint16", "vocab_size": 65, "max_token_id": 64, "eos_token_id": 0,
+        "tokenizer": "words", "splits": {"train": [0, 1800], "val": [1800, 2000]}}))
+
+    class Cached(Trainer):
+        def _init_dataset(self):
+            return TokenWindowDataset(cache, 16, "train"), TokenWindowDataset(cache, 16, "val")
+    with pytest.raises(ConfigError, match=r"^the training set \(TokenWindowDataset\) holds token ids up to 64 \(its "
+                       r"token cache's max_token_id\), not below --vocab_size 64$"):
+        Cached(tiny_config(tmp_path))
+    assert os.listdir(tmp_path) == ["cache"]
+
+
 def test_custom_data_is_part_of_the_run_identity(tmp_path):
     """docs/extending.md's custom-data Trainer, saved and run as a user runs it (python my_pretrain.py,
     same flags) on a my_tokens.pt: other tokens start a run folder of their own (trains, exit 0)
@@ -182,9 +218,10 @@ def test_custom_data_is_part_of_the_run_identity(tmp_path):
     (tmp_path / "my_pretrain.py").write_text(doc_block("docs/extending.md", "trainer"))
     flags = [f for f in TINY_FLAGS if f != "--use_mock_data"] + ["--log_dir", str(tmp_path / "logs")]
 
-    def train_on(seed):
-        torch.save(torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(seed)),
-                   tmp_path / "my_tokens.pt")
+    def train_on(seed_or_tokens):
+        tokens = seed_or_tokens if isinstance(seed_or_tokens, torch.Tensor) else \
+            torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(seed_or_tokens))
+        torch.save(tokens, tmp_path / "my_tokens.pt")
         return subprocess.run([sys.executable, "my_pretrain.py", *flags], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120)
     first = train_on(0)
@@ -197,7 +234,20 @@ def test_custom_data_is_part_of_the_run_identity(tmp_path):
     assert sorted(read_log(tmp_path / "logs" / run_b)) == list(range(8))
     again = train_on(0)
     assert again.returncode == 2
-    assert again.stderr.strip().startswith(f"error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
+    assert again.stderr.strip().startswith(f"[tinytron] error: {tmp_path / 'logs' / run_a} is complete at step 8 of 8")
+
+    # Ids past --vocab_size only where the checks before the first step do not look (not in the
+    # first, middle or last item of a set): the first batch ends the run, in one line, exit 2, and
+    # the run folder it had made is gone.
+    valid = torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(2))
+    past = torch.full((5000,), 64)
+    for start, end in ((0, 17), (154 * 16, 154 * 16 + 17), (308 * 16, 308 * 16 + 17), (4950, 5000)):
+        past[start:end] = valid[start:end]   # the checked windows: 0, 154, 308 of 309; all 3 of validation
+    r = train_on(past)
+    lines = [line for line in re.split(r"[\r\n]", r.stderr) if line.strip() and not re.match(r"\s*\d+%\|", line)]
+    assert (r.returncode, lines) == (2, ["[tinytron] error: a batch of step 0 holds token id 64, not below "
+                                         "--vocab_size 64"]), r.stderr
+    assert sorted(os.listdir(tmp_path / "logs")) == sorted([run_a, run_b])
 
 
 def test_each_sampled_item_of_custom_data_is_in_the_run_identity(tmp_path):
@@ -256,17 +306,24 @@ def test_bad_flag_fails_on_every_rank(tmp_path):
              for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=60)
-        assert p.returncode == 2 and err.strip() == "error: world size 2 is not divisible by --sep_size 3"
+        assert p.returncode == 2 and err.strip() == "[tinytron] error: world size 2 is not divisible by --sep_size 3"
     # Under torchrun the job fails as a whole (torchrun stops the other rank once one has failed).
     r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), "--sep_size", "3", nproc=2)
-    assert r.returncode != 0 and "error: world size 2 is not divisible by --sep_size 3" in r.stderr
+    assert r.returncode != 0 and "[tinytron] error: world size 2 is not divisible by --sep_size 3" in r.stderr
     assert "trainer.py" not in r.stderr  # no traceback from our code
 
 
 def _error_lines(stderr: str) -> list[str]:
     """stderr without torchrun's OMP_NUM_THREADS notice (W... lines) and the launcher's python line."""
     return [line for line in stderr.splitlines()
-            if line.strip() and not re.match(r"W\d{4} ", line) and not line.startswith("[launch] python: ")]
+            if line.strip() and not re.match(r"W\d{4} ", line) and not line.startswith("[tinytron] python: ")]
+
+
+def _unprefixed(r: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a run's console (stdout and stderr) without the project's prefix, other than
+    torch's own log lines (W1207 12:00:00 ...) and the progress bar's redraws (split at \\r)."""
+    return [line for text in (r.stdout, r.stderr) for line in re.split(r"[\r\n]", text)
+            if line.strip() and not line.startswith("[tinytron] ") and not re.match(r"[WIE]\d{4} |\s*\d+%\|", line)]
 
 
 RAISING_WORKER = """
@@ -292,7 +349,7 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
     traceback and line, torchrun's table of failed workers). Checked against a planted bug:
     every failed job turned into exit 2 without torchrun's report."""
     tinytron_torchrun = [os.path.join(os.path.dirname(sys.executable), "tinytron-torchrun"), "--standalone"]
-    typo = "error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
+    typo = "[tinytron] error: unrecognized arguments: --max_step 5 (did you mean --max_steps?)"
     r = subprocess.run(["bash", "-c", doc_command("docs/parallelism.md", "torchrun", "--log_dir", str(tmp_path),
                                                   "--max_step", "5")],
                        cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -315,8 +372,25 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=180,
                            env={**launch_env(), "MAX_RESTARTS": "1"})
         assert (r.returncode, _error_lines(r.stderr)) == (2, [
-            "error: --device cuda but no CUDA device is available (--device auto picks CUDA when there is one, "
-            "else the CPU)"]), r.stderr
+            "[tinytron] error: --device cuda but no CUDA device is available (--device auto picks CUDA when there "
+            "is one, else the CPU)"]), r.stderr
+
+
+def test_preflight_reports_bad_paths_before_any_worker(tmp_path, monkeypatch, capsys):
+    """What scripts/launch.sh runs before torchrun (the entry point under TINYTRON_PREFLIGHT, in one
+    process): a --resume_path that does not exist, a --log_dir under a file: one line, exit 2, and
+    nothing created."""
+    from tinytron.training import run
+    monkeypatch.setenv("TINYTRON_PREFLIGHT", "2")
+    (tmp_path / "afile").write_text("")
+    missing, under_file = tmp_path / "logs" / "does_not_exist", tmp_path / "afile" / "logs"
+    for flags, line in [(["--resume_path", str(missing)], f"--resume_path {missing} does not exist"),
+                        (["--log_dir", str(under_file)], f"--log_dir {under_file} is not writable "
+                                                         f"({tmp_path / 'afile'} is a file)")]:
+        with pytest.raises(SystemExit) as e:
+            run(argv=[*TINY_FLAGS, "--log_dir", str(tmp_path / "logs"), *flags])
+        assert e.value.code == 2 and capsys.readouterr().err == f"[tinytron] error: {line}\n"
+    assert os.listdir(tmp_path) == ["afile"]
 
 
 def test_launcher_without_torch_is_one_line(tmp_path):
@@ -337,15 +411,23 @@ def test_launcher_without_torch_is_one_line(tmp_path):
 
 
 def test_debug_cpu_script_runs(tmp_path):
-    """README's quick start, shortened: torchrun, 2 processes, gloo, mock data. The same command
-    again finds the finished run: one line naming it, exit 2, no traceback (the launcher's preflight,
-    before torchrun); resumed by a longer run on another layout (docs/parallelism.md's sequence
-    parallel command; no MASTER_PORT: a free port) it goes on."""
+    """README's quick start, shortened: torchrun, 2 processes, gloo, mock data; every line the
+    project prints carries the [tinytron] prefix. The same command again finds the finished run:
+    one line naming it, exit 2, no traceback (the launcher's preflight, before torchrun). Its
+    advice, followed (--resume_path <run> and a larger --max_steps, here with docs/parallelism.md's
+    sequence-parallel command; no MASTER_PORT: a free port), trains a new run folder from the run's
+    last checkpoint and says so in the start block; that command, run again once finished (a
+    finished run started with --resume_path), is again the preflight's one line."""
     logs = tmp_path / "logs"
 
     def script(command, **env):
         return subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=180,
                               env={**launch_env(), **env})
+
+    def advice(run, step):
+        return (f"[tinytron] error: {run} is complete at step {step} of {step}: to train it further, run with "
+                f"--resume_path {run} and a --max_steps above {step}, which starts a new run folder from its last "
+                "checkpoint; for a new run, another --exp_name or --log_dir")
     quickstart = doc_command("README.md", "quickstart", "--log_dir", str(logs), "--max_steps", "12")
     r = script(quickstart, MASTER_PORT=str(free_port()))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -361,16 +443,21 @@ def test_debug_cpu_script_runs(tmp_path):
     assert [line for line in shown if shape(line) not in set(map(shape, r.stdout.splitlines()))] == []
     again = script(quickstart, MASTER_PORT=str(free_port()))
     assert again.returncode == 2
-    assert again.stderr.splitlines() == [f"[launch] python: {sys.executable}",
-                                         f"error: {run_dir} is complete at step 12 of 12: to train it further, "
-                                         f"add --resume_path {run_dir} and a larger --max_steps; for a new run, "
-                                         "another --exp_name or --log_dir"]
-    more = script(doc_command("docs/parallelism.md", "sep", "--log_dir", str(logs), "--max_steps", "14",
-                              "--resume_path", run_dir))   # --max_steps is in the run's hash
+    assert again.stderr.splitlines() == [f"[tinytron] python: {sys.executable}", advice(run_dir, 12)]
+    followed = doc_command("docs/parallelism.md", "sep", "--log_dir", str(logs), "--max_steps", "14",
+                           "--resume_path", run_dir)   # --max_steps is in the run's hash
+    more = script(followed)
     assert more.returncode == 0, more.stderr[-2000:]
     assert "world 2 = dp 1 x sep 2" in more.stdout
     (longer,) = [os.path.join(logs, d) for d in os.listdir(logs) if os.path.join(logs, d) != run_dir]
     assert sorted(read_log(longer)) == [12, 13]
+    assert f"[tinytron] run folder: {longer} (new, from {run_dir}/checkpoints/step_00000012 at step 12)" \
+        in more.stdout.splitlines()
+    assert "[tinytron] resume: --max_steps 12 -> 14" in more.stdout.splitlines()
+    assert _unprefixed(r) == [] and _unprefixed(more) == [], (_unprefixed(r), _unprefixed(more))
+    finished = script(followed)
+    assert (finished.returncode, finished.stderr.splitlines()) == (
+        2, [f"[tinytron] python: {sys.executable}", advice(longer, 14)])
 
 
 def test_trainer_matches_a_plain_pytorch_loop(tmp_path):

@@ -15,14 +15,14 @@ every ending's log-likelihood as JSON.
 """
 
 import json
-import sys
 
 import torch
 import torch.distributed as dist
 
 from tinytron.data.multiple_choice import read_tasks
+from tinytron.data.tokenize import load_tokenizer
 from tinytron.distributed.runtime import RuntimeSetupError, init_runtime
-from tinytron.interop.hf import is_hf_dir, load_hf, load_tokenizer
+from tinytron.interop.hf import is_hf_dir, load_hf
 from tinytron.model import GPT
 from tinytron.training.arguments import FlagParser
 from tinytron.training.downstream import DownstreamEval
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         config = model.config
         scorer = DownstreamEval(tasks, load_tokenizer(tokenizer), config.block_size, args.batch_tokens,
                                 config.vocab_size)
-    except (ValueError, RuntimeSetupError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, RuntimeSetupError) as e:   # bad input: one line, exit 2
+        parser.error(str(e))
     autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else None
     scores = scorer.evaluate(model.to(rt.device), autocast)
     if dist.is_initialized():

@@ -10,14 +10,14 @@ and its `generate` does the decoding, with a KV cache. --temperature 0 decodes g
 prompt followed by the continuation.
 """
 
-import sys
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from tinytron.data.tokenize import load_tokenizer
 from tinytron.distributed.runtime import pick_device
-from tinytron.interop.hf import is_hf_dir, load_tokenizer, to_hf_model
+from tinytron.interop.hf import is_hf_dir, to_hf_model
 from tinytron.model import GPT
 from tinytron.training.arguments import FlagParser
 from tinytron.training.weights import read_checkpoint, run_tokenizer
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     try:
         model, tokenizer = load_generator(args.checkpoint, args.tokenizer, args.device)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:   # bad input: one line, exit 2
+        parser.error(str(e))
     print(args.prompt + generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
                                       args.temperature, args.top_k, args.top_p, args.seed))
 

@@ -7,7 +7,6 @@ Prints, for one rank, parameters, gradients, AdamW state, bf16 weight copies and
 the largest --batch_size that fits (the estimate and its assumptions: tinytron/training/memory.py).
 """
 
-import sys
 
 from tinytron.training.arguments import build_parser, config_from_args
 from tinytron.training.config import ConfigError
@@ -27,8 +26,7 @@ def main(argv=None) -> None:
             raise ConfigError("--world_size must be >= 1, --gpu_memory_gib > 0 and --usable_fraction in (0, 1]")
         print(plan(config_from_args(args), args.world_size, args.gpu_memory_gib, args.usable_fraction))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

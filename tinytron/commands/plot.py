@@ -8,7 +8,6 @@ overlaid and labelled by their run folder name. Non-finite or unmeasured values 
 """
 
 import os
-import sys
 
 from matplotlib.figure import Figure
 
@@ -67,9 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plot_runs(args.run_dirs, args.out, args.x)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {args.out}")
+        parser.error(str(e))
+    print(f"[tinytron] wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
                                     split=args.split, num_proc=args.num_proc,
                                     val_fraction=args.val_fraction)
     except ValueError as e:  # bad paths and values: one line, like the training entry points
-        parser.exit(2, f"error: {e}\n")
+        parser.error(str(e))
     tokens = json.loads((path / INDEX_FILE).read_text())["num_tokens"]
     print(f"{path}: {tokens:,} tokens")
 

@@ -34,6 +34,9 @@ class TokenWindowDataset(Dataset):
         self.start, end = index["splits"][split]
         self.num_tokens = end - self.start  # tokens in this split
         self.vocab_size: int = index["vocab_size"]
+        # The largest token id of the whole cache (None: a cache written before it was recorded);
+        # the Trainer checks it against --vocab_size before the first step.
+        self.max_token_id: int | None = index.get("max_token_id")
         self.eos_token_id: int = index["eos_token_id"]
         self.tokenizer: str = index["tokenizer"]
         self._dtype, self._total = np.dtype(index["dtype"]), index["num_tokens"]

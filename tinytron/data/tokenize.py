@@ -7,7 +7,8 @@
 Layout of the cache folder `<cache_dir>/<name>-<hash>/`:
     tokens.bin   every document's ids followed by one EOS, documents concatenated in corpus order,
                  as a raw uint16 array (uint32 when the vocabulary exceeds 65,536 ids)
-    index.json   num_tokens, dtype, vocab_size, eos_token_id, tokenizer, source, and the split:
+    index.json   num_tokens, dtype, vocab_size, max_token_id (the largest id in tokens.bin; caches
+                 written before it was recorded lack it), eos_token_id, tokenizer, source, and the split:
                  train = tokens[0:b], val = tokens[b:num_tokens] (the corpus' last `val_fraction`)
 The hash covers everything that changes the bytes (source incl. local files' size and mtime,
 config, split, text column, tokenizer name and vocabulary, val_fraction), so a second call with the
@@ -63,9 +64,9 @@ def _builder_of(file: Path) -> str | None:
 
 
 def _looks_local(name: str) -> bool:
-    """A path, not a hub name: absolute, ./ ../ ~ relative, or a data file name. Hub names
-    ("org/name") never start with those characters."""
-    return name.startswith(("/", ".", "~")) or _builder_of(Path(name)) is not None
+    """A path, not a hub name: absolute, ./ ../ ~ relative, two or more folders deep, or a data
+    file name. Hub names ("org/name") never start with those characters and have one slash at most."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or _builder_of(Path(name)) is not None
 
 
 def _first_line(e: Exception) -> str:
@@ -107,7 +108,9 @@ def _load_corpus(dataset, dataset_config, split, files):
     return load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split, **extra)
 
 
-def _load_tokenizer(name: str):
+def load_tokenizer(name: str):
+    """transformers.AutoTokenizer from a local folder or a hub name; ValueError, one line naming
+    --tokenizer, for a path that does not exist or a folder or name that holds no tokenizer."""
     from transformers import AutoTokenizer
 
     if _looks_local(name) and not Path(name).expanduser().is_dir():
@@ -156,9 +159,9 @@ def _encode_batch(batch, tokenizer, text_column, eos):
     return {"ids": ids, "len": [len(doc) for doc in ids]}
 
 
-def _tokenize_and_write(corpus, tokenizer, text_column, eos, num_proc, out_dir: Path, dtype) -> int:
+def _tokenize_and_write(corpus, tokenizer, text_column, eos, num_proc, out_dir: Path, dtype) -> tuple[int, int]:
     """Tokenize `corpus` (a datasets.Dataset) and write the flat id array to out_dir/tokens.bin;
-    return the number of tokens."""
+    return the number of tokens and the largest id."""
     if text_column not in corpus.column_names:
         raise ValueError(f"--text_column {text_column} is not a column of the dataset "
                          f"(columns: {corpus.column_names})")
@@ -168,7 +171,7 @@ def _tokenize_and_write(corpus, tokenizer, text_column, eos, num_proc, out_dir: 
                            fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "eos": eos})
     num_tokens = int(tokenized.select_columns("len").with_format("numpy")[:]["len"].sum())
     tokens = np.memmap(out_dir / TOKENS_FILE, dtype=dtype, mode="w+", shape=(num_tokens,))
-    pos = 0
+    pos, largest = 0, 0
     with tqdm(total=num_tokens, unit="tok", unit_scale=True, desc="writing tokens") as bar:
         for batch in tokenized.with_format("numpy").iter(batch_size=1024):
             # A ragged batch is an object array of 1-D arrays, an even one a 2-D array: both
@@ -176,11 +179,12 @@ def _tokenize_and_write(corpus, tokenizer, text_column, eos, num_proc, out_dir: 
             ids = np.concatenate(list(batch["ids"]))
             tokens[pos:pos + len(ids)] = ids  # ids < vocab_size, so the cast to dtype is exact
             pos += len(ids)
+            largest = max(largest, int(ids.max()))
             bar.update(len(ids))
     tokens.flush()
     del tokens
     assert pos == num_tokens
-    return num_tokens
+    return num_tokens, largest
 
 
 def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathLike, *,
@@ -205,7 +209,7 @@ def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathL
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val_fraction {val_fraction} must be in [0, 1)")
     files = _local_files(dataset)
-    tok = _load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     eos, tok_vocab = _eos_id(tok, tokenizer), len(tok)  # len counts added tokens, .vocab_size not
     if vocab_size is not None and vocab_size < tok_vocab:
         raise ValueError(f"--vocab_size {vocab_size} is smaller than the tokenizer's vocabulary {tok_vocab} "
@@ -223,11 +227,11 @@ def prepare_token_shards(dataset: str, tokenizer: str, cache_dir: str | os.PathL
     try:
         dtype = token_dtype(tok_vocab)
         corpus = _load_corpus(dataset, dataset_config, split, files)
-        num_tokens = _tokenize_and_write(corpus, tok, text_column, eos, num_proc, tmp, dtype)
+        num_tokens, max_token_id = _tokenize_and_write(corpus, tok, text_column, eos, num_proc, tmp, dtype)
         boundary = num_tokens - round(val_fraction * num_tokens)
         index = {
             "version": _FORMAT_VERSION, "num_tokens": num_tokens, "dtype": dtype.name,
-            "vocab_size": tok_vocab, "eos_token_id": eos, "tokenizer": tokenizer,
+            "vocab_size": tok_vocab, "max_token_id": max_token_id, "eos_token_id": eos, "tokenizer": tokenizer,
             "num_documents": len(corpus), "val_fraction": val_fraction,
             "source": {"dataset": dataset, "config": dataset_config, "split": split,
                        "text_column": text_column, "files": files and [str(f) for f in files]},

@@ -7,9 +7,13 @@ and exit code in the job's key-value store (the TCPStore at MASTER_ADDR:MASTER_P
 torch.distributed already uses, through a connection of our own); a daemon thread on every rank
 (`watch`) checks the store every second (one small request per rank) and, once a message is
 there, prints it and exits with its code. The first message posted wins, so every rank prints
-the same line. Before exiting, each rank waits (at most a few seconds) until every rank has read
-the message: rank 0 may host the store, and leaving early would hide the message from the slower
-ranks.
+the same line. Before exiting, rank 0 waits (at most a few seconds) until every rank has read the
+message: it may host the store, and leaving early would hide the message from the slower ranks.
+The other ranks leave once they have read it: a store call after rank 0 left would fail, and
+print a page of C++ stack (TCPStore's recvValue) under the line.
+
+Before a failing process exits, the callables given to `before_exit` run (e.g. removing a run
+folder that never trained a step).
 """
 
 import json
@@ -28,6 +32,7 @@ POLL_SECONDS = 1.0  # how often the watcher looks for a message
 READ_TIMEOUT_SECONDS = 10.0  # how long a rank waits for the others to read the message
 
 _channel = None
+_before_exit = []  # callables run once by a failing process before it exits
 _exit_lock = threading.Lock()  # taken once, by the thread that prints and exits
 
 
@@ -36,7 +41,8 @@ class _Channel:
 
     def __init__(self, world_size: int):
         self.world_size, self.rank = world_size, dist.get_rank()
-        self.readers = world_size  # how many ranks read the message before any leaves (read sets it)
+        self.readers = world_size  # how many ranks read the message before rank 0 leaves (read sets it)
+        self.host_may_be_here = self.rank == 0
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timedelta(seconds=60))
         # torchrun may keep one store for all restarts of a job: one slot per attempt.
@@ -75,6 +81,16 @@ class _Channel:
             _exit(message and "\n" + message, code, self)
 
 
+def before_exit(fn) -> None:
+    """Run fn() (errors ignored) when this process fails through `fail` or a relayed failure."""
+    _before_exit.append(fn)
+
+
+def cancel_before_exit(fn) -> None:
+    if fn in _before_exit:
+        _before_exit.remove(fn)
+
+
 def watch(world_size: int) -> None:
     """Start relaying other ranks' failures to this process (after init_process_group, env://)."""
     global _channel
@@ -96,7 +112,7 @@ def fail(message: str, code: int, post: bool = True, printer: int | None = None,
     post=False, for a symptom such as a failed collective, only print it, unless another rank
     already posted the cause, which is printed instead). printer: only that rank prints the line,
     the others leave in silence; readers: how many ranks will read it (default all; fewer when
-    some are known not to answer), the ranks wait for them before leaving. Does not return."""
+    some are known not to answer), rank 0 waits for them before leaving. Does not return."""
     channel = _channel
     if channel is not None:
         try:
@@ -131,14 +147,19 @@ def claim_bad_input_report(message: str) -> bool:
 
 
 def _exit(message: str | None, code: int, channel) -> None:
-    """Print the line (None: nothing; bad input: once per node under tinytron-torchrun), wait for
-    the other ranks to read it, leave without waiting on peers (no process-group teardown: they
-    may be gone)."""
+    """Run the before_exit callables, print the line (None: nothing; bad input: once per node under
+    tinytron-torchrun), on rank 0 wait for the other ranks to read it, and leave without waiting
+    on peers (no process-group teardown: they may be gone)."""
     _exit_lock.acquire()  # never released: a second failure (e.g. the watcher) waits for os._exit
+    for fn in _before_exit:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - leaving anyway; the line below is what matters
+            pass
     if message is not None and (code != 2 or claim_bad_input_report(message)):
         print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
-    if channel is not None:
+    if channel is not None and channel.host_may_be_here:
         try:
             channel.wait_until_read()
         except Exception:  # noqa: BLE001 - the store's host left first: nobody else to wait for

@@ -42,7 +42,6 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     MixtralConfig,
     PretrainedConfig,
@@ -309,26 +308,23 @@ def to_hf_model(model_or_state: nn.Module | dict[str, torch.Tensor], config: Mod
     return hf_model.eval()
 
 
-def load_tokenizer(name_or_path: str):
-    """AutoTokenizer from a local folder or hub name, with a one-line error."""
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot load tokenizer {name_or_path!r}: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
 def export_hf(model_or_state: nn.Module | dict[str, torch.Tensor], config: ModelConfig, out_dir: str,
               dtype: torch.dtype = torch.float32, tokenizer=None, max_shard_size: str = "2GB") -> str:
     """Write a transformers model folder: config.json, model.safetensors (sharded with an index past
-    `max_shard_size`), generation_config.json and, when `tokenizer` (a tokenizer or a name/path) is
-    given, the tokenizer files. Returns out_dir."""
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
+    `max_shard_size`), generation_config.json and, when `tokenizer` (a transformers tokenizer) is
+    given, the tokenizer files. Every file gets the mode a new file gets (0666 less the umask).
+    Returns out_dir."""
     hf_model = to_hf_model(model_or_state, config, dtype, tokenizer)
     hf_model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    # safetensors writes each file as a temporary file of mode 0600, renamed into place: readable
+    # by its owner only, unlike every other file of the folder (and of a model one shares).
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(out_dir):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(out_dir, name), 0o666 & ~umask)
     return out_dir
 
 

@@ -50,12 +50,17 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 class FlagParser(argparse.ArgumentParser):
     """argparse with no prefix matching (`--max_step` is not `--max_steps`: a typo must not pass
-    silently), each default in --help, and errors in one line, like every other bad input
-    (`error: ...`, exit 2), that suggest the nearest flag for an unknown one."""
+    silently), negative numbers in any notation as values (`--max_lr -1e-3`), each default in
+    --help, and errors in one line, like every other bad input (`[tinytron] error: ...`, exit 2),
+    that suggest the nearest flag for an unknown one. Commands report their own bad input with
+    `parser.error(message)`."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        # argparse takes only -5 and -.5 for negative numbers, so `--max_lr -1e-3` would read
+        # "-1e-3" as an unknown option and fail with "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
@@ -63,7 +68,7 @@ class FlagParser(argparse.ArgumentParser):
             flag = unknown.group(1).split("=")[0]
             near = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")], 1)
             message += f" (did you mean {near[0]}?)" if near else ""
-        line = f"error: {message}"
+        line = f"[tinytron] error: {message}"
         self.exit(2, line + "\n" if claim_bad_input_report(line) else None)
 
 

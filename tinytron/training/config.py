@@ -262,7 +262,9 @@ def resume_changes(saved: dict, cfg: Config, source: str) -> list[str]:
     changes = []
     for section, values in cfg.to_dict().items():
         for name, value in values.items():
-            if name not in saved.get(section, {}) or name == "resume_path":
+            # Not changes of the run: where this branch starts, and how far it moves the data
+            # order on from the checkpoint's position (kept: the "resumed from" line says where).
+            if name not in saved.get(section, {}) or name in ("resume_path", "skip_data_steps"):
                 continue
             old = saved[section][name]
             if (tuple(old) if isinstance(old, list) else old) == value:

@@ -162,7 +162,7 @@ def downstream_from_config(cfg: Config, equal_forwards: bool) -> DownstreamEval 
     ConfigError for a bad task file or tokenizer."""
     if not cfg.training.eval_tasks:
         return None
-    from tinytron.interop.hf import load_tokenizer  # lazy: transformers stays optional
+    from tinytron.data.tokenize import load_tokenizer
     t = cfg.training
     try:
         return DownstreamEval(read_tasks(t.eval_tasks), load_tokenizer(cfg.data.tokenizer), cfg.model.block_size,

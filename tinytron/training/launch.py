@@ -25,15 +25,15 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
         try:
             check_flags(config, world)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"[tinytron] error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         return
     try:
         trainer_cls(config).train()
     except (ConfigError, ckpt.CheckpointError) as e:
-        abort.fail(f"error: {e}", 2)
+        abort.fail(f"[tinytron] error: {e}", 2)
     except TrainingError as e:
-        abort.fail(f"error: {e}", 1)
+        abort.fail(f"[tinytron] error: {e}", 1)
     except Exception as e:  # noqa: BLE001 - one line for the other ranks, after the traceback
         rank = dist.get_rank() if dist.is_initialized() else 0
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -41,10 +41,10 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
         if dist.is_initialized() and isinstance(e, RuntimeError) and _is_comm_failure(e):
             # A peer stopped answering (timeout) or died: a symptom, so not posted to the other
             # ranks (they see it too); say which rank saw it and what it waited for.
-            abort.fail(f"error: rank {rank}: collective failed (a rank died or exceeded "
+            abort.fail(f"[tinytron] error: rank {rank}: collective failed (a rank died or exceeded "
                        f"--dist_timeout_minutes {config.parallel.dist_timeout_minutes}): {first}", 1, post=False)
         traceback.print_exc()
-        abort.fail(f"error: rank {rank}: {type(e).__name__}: {first}", 1)
+        abort.fail(f"[tinytron] error: rank {rank}: {type(e).__name__}: {first}", 1)
     abort.stop_watching()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -13,34 +13,43 @@ after the resumed one (`resume_step`), so each step appears once.
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
+from tinytron.distributed import abort
 from tinytron.training.config import Config, ConfigError
 from tinytron.training.metrics import MetricsLogger
 
 LOG_FILE = "log.txt"
 
 
-def make_run_dir(config: Config, data_identity: str = "") -> str:
-    """Create the run folder (config.run_folder(data_identity)); ConfigError when it cannot be written."""
-    run_dir = config.run_folder(data_identity)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        if not os.access(run_dir, os.W_OK):
-            raise PermissionError(run_dir)
-    except OSError as e:
-        raise ConfigError(f"--log_dir {config.logging.log_dir} is not writable ({type(e).__name__})") from None
-    return run_dir
+def check_writable(run_dir: str, log_dir: str) -> None:
+    """ConfigError unless the run folder, or the nearest folder above it that exists, is a folder
+    this process may write in: the folder itself is created only once the run starts (RunLogger)."""
+    path = os.path.abspath(run_dir)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"--log_dir {log_dir} is not writable ({path} is a file)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--log_dir {log_dir} is not writable (no write permission on {path})")
 
 
 class RunLogger:
+    """Creates the run folder (rank 0) when it does not exist yet; if the run then fails before its
+    first step is logged, the folder is removed again as the process exits (abort.before_exit):
+    a run that never started leaves no folder behind."""
+
     def __init__(self, run_dir: str, config: Config, *, is_main: bool, resume_step: int, wandb_id: str | None):
         self.run_dir, self.config, self.is_main = run_dir, config, is_main
         self.bar = None
         if is_main:
+            if not os.path.isdir(run_dir):
+                os.makedirs(run_dir)
+                abort.before_exit(self._remove_unstarted)
             with open(os.path.join(run_dir, "config.json"), "w") as f:
                 json.dump(config.to_dict(), f, indent=2)
             self._rewind_log(resume_step)
@@ -49,6 +58,9 @@ class RunLogger:
                                      tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
                                      wandb_run_name=lg.wandb_run_name, wandb_entity=lg.wandb_entity,
                                      wandb_id=wandb_id)
+
+    def _remove_unstarted(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _rewind_log(self, resume_step: int) -> None:
         """log.txt keeps the lines of steps < resume_step, so resumed steps are not logged twice."""
@@ -85,10 +97,11 @@ class RunLogger:
             self.line(f"{step} train {stats['loss']:.6f}")
         if not self.is_main:
             return
+        abort.cancel_before_exit(self._remove_unstarted)   # the run has started: its folder stays
         aux = f" | aux {stats['aux_loss']:.4f}" if self.config.model.use_moe else ""
         util, tok_s = stats["mfu"], stats["tokens_per_s"]
         mfu_s = "n/a" if util is None else f"{100 * util:.1f}%"
-        self.bar.write(f"step {step:6d} | loss {stats['loss']:.6f}{aux} | lr {stats['lr']:.3e} | grad norm "
+        self.bar.write(f"[tinytron] step {step:6d} | loss {stats['loss']:.6f}{aux} | lr {stats['lr']:.3e} | grad norm "
                        f"{stats['grad_norm']:.4f} | {1000 * stats['step_time']:.0f} ms | {tok_s:,.0f} tok/s | "
                        f"MFU {mfu_s}")
         # No redraw of its own: update() redraws the bar at most every `mininterval` (0.1 s).
@@ -102,14 +115,14 @@ class RunLogger:
 
     def val(self, step: int, loss: float) -> None:
         self.line(f"{step} val {loss:.6f}")
-        self.console(f"step {step:6d} | val loss {loss:.6f}")
+        self.console(f"[tinytron] step {step:6d} | val loss {loss:.6f}")
 
     def downstream(self, step: int, scores: dict) -> None:
         """log.txt and the console: one line per task of --eval_tasks (scores: DownstreamEval's)."""
         for name, s in scores.items():
             line = f"{step} eval {name} acc {s.acc:.6f} acc_norm {s.acc_norm:.6f} items {s.items}"
             self.line(line)
-            self.console(line)
+            self.console(f"[tinytron] {line}")
 
     def metrics_record(self, step: int, stats: dict, tokens: int, skipped_steps: int, device: torch.device) -> None:
         """One record per step to metrics.jsonl / TensorBoard / W&B."""

@@ -14,6 +14,7 @@ from tinytron.training.config import Config, ConfigError, resume_changes
 
 @dataclass
 class ResumePoint:
+    path: str | None         # the checkpoint resumed (None: a fresh start)
     step: int                # optimizer steps done
     skipped_steps: int       # non-finite steps skipped so far
     wandb_id: str | None     # the W&B run to continue (None: a new one)
@@ -60,7 +61,7 @@ def resume(config: Config, run_dir: str, model, optimizer, is_main: bool) -> Res
     # Rewind the logs to the step resumed; to 0 for a fresh start (drop what an aborted attempt
     # logged) or another run's checkpoint (nothing before its step is this run's).
     rewind_to = step if path and ckpt.is_inside(path, run_dir) else 0
-    return ResumePoint(step=step, skipped_steps=meta.get("skipped_steps", 0), wandb_id=meta.get("wandb_id"),
+    return ResumePoint(path=path, step=step, skipped_steps=meta.get("skipped_steps", 0), wandb_id=meta.get("wandb_id"),
                        branch=branch, data_offset=data_offset, rewind_to=rewind_to)
 
 
@@ -111,10 +112,11 @@ def _load_agreed(config: Config, path: str, model, optimizer, is_main: bool, exp
     if error is None:
         if is_main:
             for change in changes:
-                print(f"resume: {change}", flush=True)
+                print(f"[tinytron] resume: {change}", flush=True)
         return meta
     if explicit:
         raise ckpt.CheckpointError(error)
     if is_main:
-        print(f"warning: {error}; falling back to the previous complete checkpoint", file=sys.stderr, flush=True)
+        print(f"[tinytron] warning: {error}; falling back to the previous complete checkpoint", file=sys.stderr,
+              flush=True)
     return None

@@ -47,10 +47,10 @@ from tinytron.training import sync
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.documents import document_layout_fn
 from tinytron.training.downstream import downstream_from_config
-from tinytron.training.logger import RunLogger, make_run_dir
+from tinytron.training.logger import RunLogger, check_writable
 from tinytron.training.metrics import check_sink_packages
 from tinytron.training.muon import muon_optimizer
-from tinytron.training.preflight import check_items, complete_run_error, data_identity, run_summary, short_run_warnings
+from tinytron.training.preflight import check_items, data_identity, finished_error, run_summary, short_run_warnings
 from tinytron.training.resume import on_rank0, resume
 from tinytron.training.schedule import lr_at
 from tinytron.training.sync import reduce_step_stats, reduce_validation, share_stop
@@ -73,11 +73,12 @@ class Trainer:
             raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
                             "sets self.train_dataset / self.val_dataset)")
         self.train_dataset, self.val_dataset = datasets
-        check_items(self.train_dataset, self.val_dataset, config.training.seq_len)
+        check_items(self.train_dataset, self.val_dataset, config.training.seq_len, config.model.vocab_size)
         # A subclass's data enters the run's identity: other data never resumes this folder.
         own_data = type(self)._init_dataset is not Trainer._init_dataset
         self.data_identity = (on_rank0(lambda: data_identity(*datasets), self.is_main) if own_data else "")
-        self.run_dir = make_run_dir(config, self.data_identity)
+        self.run_dir = config.run_folder(self.data_identity)   # created by RunLogger, once nothing failed
+        check_writable(self.run_dir, config.logging.log_dir)
         self.document_layout = document_layout_fn(config, self.train_dataset, self.device)  # --document_mask
         self.model = self._init_model()
         # From here on the optimizer's flat buffers hold the model's parameters and gradients.
@@ -97,6 +98,10 @@ class Trainer:
         point = resume(config, self.run_dir, self.model, self.optimizer, self.is_main)
         self.step, self.skipped_steps, self.branch, self.data_offset = (
             point.step, point.skipped_steps, point.branch, point.data_offset)
+        self.resumed_from = point.path
+        if self.step >= self.total_steps:   # a finished run found again: before anything is written or shown
+            raise finished_error(self.run_dir, point.path, self.step, self.total_steps,
+                                 config.checkpoint.skip_data_steps)
         self.log = RunLogger(self.run_dir, config, is_main=self.is_main, resume_step=point.rewind_to,
                              wandb_id=point.wandb_id)
         if self.is_main:
@@ -229,6 +234,13 @@ class Trainer:
         their documents with --reset_position_ids), the --document_mask over the FULL sequences
         (None without), and the number of valid targets of the FULL sequences (so per-rank losses
         sum to the full mean over SEP)."""
+        # Ids past the embedding table: one line instead of an IndexError traceback (CPU) or a
+        # device-side assert (CUDA). Checked on the DataLoader's host copy only: no device sync,
+        # a few µs per micro-batch.
+        largest = int(batch.max()) if batch.device.type == "cpu" else -1
+        if largest >= self.config.model.vocab_size:
+            raise ConfigError(f"a batch of step {self.step} holds token id {largest}, not below --vocab_size "
+                              f"{self.config.model.vocab_size}")
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
@@ -337,8 +349,6 @@ class Trainer:
     def train(self) -> None:
         cfg = self.config
         t, c = cfg.training, cfg.checkpoint
-        if self.step >= self.total_steps:   # a finished run, found again by auto-resume
-            raise complete_run_error(self.run_dir, self.step, self.total_steps)
         flops_tok, peak = flops_per_token(cfg.model, t.seq_len), peak_flops(self.device)
         profiler = StepProfiler(self.is_main and t.use_profiler, t.steps_to_profile,
                                 os.path.join(self.run_dir, "rank0_trace.json"),
