@@ -180,7 +180,7 @@ def test_sample_eval_export_plot_blocks(scratch, example_run, monkeypatch, capsy
     scores = _console(scratch, monkeypatch, capsys, "docs/evaluation.md", "eval")
     assert re.fullmatch(r"shakespeare_mc: acc [\d.]+ acc_norm [\d.]+ \(20 items.*\)\n", scores), scores
     exported = _console(scratch, monkeypatch, capsys, "docs/evaluation.md", "export")
-    assert exported.startswith(f"exported step 2 of {example_run.relative_to(scratch)} as "), exported
+    assert exported.startswith(f"[tinytron] exported step 2 of {example_run.relative_to(scratch)} as "), exported
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(scratch / "exported"))
     _console(scratch, monkeypatch, capsys, "docs/training.md", "plot")
     assert (scratch / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -360,8 +360,8 @@ def test_bad_input_under_tinytron_torchrun_is_one_line(tmp_path):
     r = subprocess.run([*tinytron_torchrun, "--nproc_per_node", "1", str(tmp_path / "raising.py"), *TINY_FLAGS,
                         "--log_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
-    assert "ValueError: test error in _init_dataset\nerror: rank 0: ValueError: test error in _init_dataset\n" \
-        in r.stderr, r.stderr
+    assert ("ValueError: test error in _init_dataset\n"
+            "[tinytron] error: rank 0: ValueError: test error in _init_dataset\n") in r.stderr, r.stderr
     assert re.search(r"ChildFailedError: \n=+\n\S*raising.py FAILED\n", r.stderr), r.stderr
     assert re.search(r"Root Cause \(first observed failure\):\n\[0\]:\n(.*\n)*  exitcode  : 1 \(pid", r.stderr), \
         r.stderr
@@ -405,8 +405,8 @@ def test_launcher_without_torch_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=60,
                        env={**launch_env(), "TINYTRON_PYTHON": python})
     assert (r.returncode, r.stderr.splitlines()) == (2, [
-        "error: no Python with torch found (tried $TINYTRON_PYTHON, $VIRTUAL_ENV, .venv/bin/python, python3 on "
-        f"PATH: {python} has no torch); install as README.md says or set TINYTRON_PYTHON"]), r.stderr
+        "[tinytron] error: no Python with torch found (tried $TINYTRON_PYTHON, $VIRTUAL_ENV, .venv/bin/python, "
+        f"python3 on PATH: {python} has no torch); install as README.md says or set TINYTRON_PYTHON"]), r.stderr
     assert not (tmp_path / "logs").exists()
 
 
