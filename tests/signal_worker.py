@@ -6,12 +6,18 @@ hooking the Trainer to put a signal or an error at an exact point of a torchrun 
                                          job's session) as it enters validation at step 4 / the
                                          save of checkpoint 12: the signal arrives inside that phase
     TEST_RAISE_IN="evaluate@8@1"         rank 1 raises ValueError as it enters validation at step 8
+    TEST_CTRL_C_IN="save@12"             rank 0, entering the save of checkpoint 12, does what a
+                                         user pressing Ctrl-C twice does: SIGINT to the job's
+                                         process group (the terminal's: the launcher's), and once
+                                         torchrun has passed it on to this rank, SIGINT again;
+                                         then it waits (120 s) for the second one to end it
 """
 
 import os
 import runpy
 import signal
 import sys
+import time
 
 from tests.utils import process_tree
 from tinytron.training import checkpoint
@@ -32,8 +38,18 @@ def _hook(phase: str, step: int) -> None:
         raise ValueError(f"test error in {phase} at step {step}")
 
 
+def _ctrl_c_twice(trainer) -> None:
+    if ("save", str(trainer.step)) in _points("TEST_CTRL_C_IN") and os.environ["RANK"] == "0":
+        group = os.getpgid(os.getppid())   # torchrun's: the launcher's, as started from a terminal
+        os.killpg(group, signal.SIGINT)
+        while signal.SIGINT not in trainer.signals.received:   # passed on by torchrun
+            time.sleep(0.01)
+        os.killpg(group, signal.SIGINT)
+        time.sleep(120)
+
+
 def main() -> None:
-    evaluate, save_checkpoint = Trainer.evaluate, checkpoint.save_checkpoint
+    evaluate, save_checkpoint, save = Trainer.evaluate, checkpoint.save_checkpoint, Trainer.save
 
     def hooked_evaluate(self):
         _hook("evaluate", self.step)
@@ -43,7 +59,11 @@ def main() -> None:
         _hook("save", step)
         return save_checkpoint(root, step, *args, **kwargs)
 
-    Trainer.evaluate, checkpoint.save_checkpoint = hooked_evaluate, hooked_save_checkpoint
+    def hooked_save(self):
+        _ctrl_c_twice(self)
+        return save(self)
+
+    Trainer.evaluate, checkpoint.save_checkpoint, Trainer.save = hooked_evaluate, hooked_save_checkpoint, hooked_save
     sys.argv[0] = "pretrain_debug.py"
     runpy.run_path("pretrain_debug.py", run_name="__main__")
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from tinytron.distributed import abort
 from tinytron.distributed import parallel_state as ps
-from tinytron.distributed.signals import StopSignals
+from tinytron.distributed.signals import StopSignals, stop_interrupt_thread
 
 
 class RuntimeSetupError(ValueError):
@@ -75,3 +75,12 @@ def init_runtime(device: str = "auto", backend: str = "auto", sep_size: int = 1,
         ps.initialize_parallel_state(sep_size)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Runtime(device=dev, rank=rank, world_size=world, is_main=rank == 0, signals=signals)
+
+
+def close_runtime() -> None:
+    """At a normal exit: stop and join the threads the runtime started (the second-SIGINT thread,
+    the failure watcher), then destroy the process groups, all before the interpreter exits."""
+    stop_interrupt_thread()
+    abort.stop_watching()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,6 +8,7 @@ import traceback
 import torch.distributed as dist
 
 from tinytron.distributed import abort
+from tinytron.distributed.runtime import close_runtime
 from tinytron.training import checkpoint as ckpt
 from tinytron.training.config import ConfigError
 from tinytron.training.preflight import check_flags
@@ -45,9 +46,7 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
                        f"--dist_timeout_minutes {config.parallel.dist_timeout_minutes}): {first}", 1, post=False)
         traceback.print_exc()
         abort.fail(f"error: rank {rank}: {type(e).__name__}: {first}", 1)
-    abort.stop_watching()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_runtime()
 
 
 def _is_comm_failure(e: Exception) -> bool:

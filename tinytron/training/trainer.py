@@ -203,8 +203,8 @@ class Trainer:
     def checkpoint_root(self) -> str:
         return os.path.join(self.run_dir, "checkpoints")
 
-    def save(self) -> None:
-        """Write checkpoint `self.step` (collective)."""
+    def save(self) -> str:
+        """Write checkpoint `self.step` (collective); -> its folder."""
         self.optimizer.finish_param_gather()
         data_step = self.step + self.data_offset
         meta = {"step": self.step, "skipped_steps": self.skipped_steps,
@@ -219,6 +219,7 @@ class Trainer:
                                     self.config.checkpoint.keep_last_n_checkpoints)
         self._last_save_time = time.monotonic()
         self.log.console(f"[tinytron] saved {path} ({self._last_save_time - start:.1f} s)")
+        return path
 
     # ------------------------------------------------------------------ steps
     def _split_batch(self, batch: torch.Tensor):
@@ -360,12 +361,13 @@ class Trainer:
                     self.log.downstream(step, stats["eval"])
                 self.log.metrics_record(step, stats, self.step * t.total_batch_size, self.skipped_steps, self.device)
                 stopping = self.signals.agreed is not None  # agreed in the step's or validation's all-reduce
+                saved = None
                 if c.do_save and (self.step % c.save_every_steps == 0 or last or stopping or stats["save_due"]):
-                    self.save()
+                    saved = self.save()
                     # A signal that came during this save: stop here, the step is saved.
                     stopping = stopping or (not last and share_stop(self.signals, self.device))
                 if stopping:
-                    self.signals.announce_stop(self.step, c.do_save, self.is_main)
+                    self.signals.announce_stop(self.step, saved, self.is_main)
                     break
         self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.log.close()
