@@ -11,16 +11,25 @@ hooking the Trainer to put a signal or an error at an exact point of a torchrun 
                                          process group (the terminal's: the launcher's), and once
                                          torchrun has passed it on to this rank, SIGINT again;
                                          then it waits (120 s) for the second one to end it
+    TEST_NO_SPACE_IN="save@8@1"          rank 1's writes of checkpoint 8's tensors (DCP's file
+                                         streams) fail with ENOSPC, as on a full disk
+    TEST_KILL_IN="optimizer@4@1"         rank 1 dies (SIGKILL) as it starts writing checkpoint 4's
+                                         optimizer state (its model state written): with
+                                         --async_save, in the background while training goes on
 """
 
+import contextlib
+import errno
 import os
 import runpy
 import signal
 import sys
 import time
 
+from torch.distributed.checkpoint import filesystem
+
 from tests.utils import process_tree
-from tinytron.training import checkpoint
+from tinytron.training import checkpoint_save
 from tinytron.training.trainer import Trainer
 
 
@@ -49,7 +58,7 @@ def _ctrl_c_twice(trainer) -> None:
 
 
 def main() -> None:
-    evaluate, save_checkpoint, save = Trainer.evaluate, checkpoint.save_checkpoint, Trainer.save
+    evaluate, save_checkpoint, save = Trainer.evaluate, checkpoint_save.save_checkpoint, Trainer.save
 
     def hooked_evaluate(self):
         _hook("evaluate", self.step)
@@ -63,7 +72,29 @@ def main() -> None:
         _ctrl_c_twice(self)
         return save(self)
 
-    Trainer.evaluate, checkpoint.save_checkpoint, Trainer.save = hooked_evaluate, hooked_save_checkpoint, hooked_save
+    create_stream = filesystem.FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def full_create_stream(self, path, mode):
+        for _, step, rank in _points("TEST_NO_SPACE_IN"):
+            if f".tmp_step_{int(step):08d}" in str(path) and os.environ["RANK"] == rank:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with create_stream(self, path, mode) as stream:
+            yield stream
+
+    save_state = checkpoint_save.save_state
+
+    def hooked_save_state(directory, *args, **kwargs):
+        for part, step, rank in _points("TEST_KILL_IN"):
+            folder = os.path.join(f".tmp_step_{int(step):08d}", part)
+            if directory.endswith(folder) and os.environ["RANK"] == rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return save_state(directory, *args, **kwargs)
+
+    checkpoint_save.save_state = hooked_save_state
+    Trainer.evaluate, Trainer.save = hooked_evaluate, hooked_save
+    checkpoint_save.save_checkpoint = hooked_save_checkpoint
+    filesystem.FileSystem.create_stream = full_create_stream
     sys.argv[0] = "pretrain_debug.py"
     runpy.run_path("pretrain_debug.py", run_name="__main__")
 

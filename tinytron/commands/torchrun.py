@@ -27,6 +27,7 @@ import sys
 import tempfile
 
 from torch.distributed import run as torchrun
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -95,6 +96,16 @@ def main(argv: list[str] | None = None) -> None:
         previous = signal.signal(signal.SIGINT, interrupts)
     else:
         interrupts = None
+    restart = LocalElasticAgent._restart_workers
+
+    def no_restart_after_ctrl_c(agent, group) -> None:
+        """A worker that failed after Ctrl-C (its stop's save, say) ends the job: not restarted."""
+        if interrupts is not None and interrupts.count:
+            interrupts.count = 2   # quiet from here on: the workers said why
+            raise SignalException(f"Process {os.getpid()} got signal: SIGINT", sigval=signal.SIGINT)
+        restart(agent, group)
+
+    LocalElasticAgent._restart_workers = no_restart_after_ctrl_c
     with tempfile.TemporaryDirectory(prefix="tinytron-torchrun-") as folder:
         path = os.path.join(folder, "bad_input")
         os.environ[BAD_INPUT_FILE_ENV] = path   # the workers inherit it
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(INTERRUPTED_EXIT_CODE) from None   # the workers said why
         finally:   # main() called in-process (tests): later processes must not inherit the file
             os.environ.pop(BAD_INPUT_FILE_ENV, None)
+            LocalElasticAgent._restart_workers = restart
             if own_signals:
                 os.environ.pop(SIGNALS_ENV)
                 signal.signal(signal.SIGINT, previous)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from tinytron.distributed import abort
 from tinytron.distributed.runtime import close_runtime
 from tinytron.training import checkpoint as ckpt
+from tinytron.training.checkpoint_save import CheckpointWriteError
 from tinytron.training.config import ConfigError
 from tinytron.training.preflight import check_flags
 from tinytron.training.trainer import Trainer, TrainingError
@@ -33,7 +34,7 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
         trainer_cls(config).train()
     except (ConfigError, ckpt.CheckpointError) as e:
         abort.fail(f"error: {e}", 2)
-    except TrainingError as e:
+    except (TrainingError, CheckpointWriteError) as e:
         abort.fail(f"error: {e}", 1)
     except Exception as e:  # noqa: BLE001 - one line for the other ranks, after the traceback
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -308,6 +308,14 @@ def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = 
     return out
 
 
+def staging_bytes(breakdown: dict) -> int:
+    """Host memory --async_save copies the state into at each save, per rank (training/
+    checkpoint_async.py): the parameters this rank passes to the checkpoint (whole ones with
+    ZeRO-1 or without, its shard with --fsdp) and its optimizer state, at the run's --sep_size."""
+    state = breakdown["states"][max(breakdown["seps"]), breakdown["engine"]]
+    return state["params"] + state["optimizer"]
+
+
 def peak_bytes(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = "cuda") -> int:
     """The planned peak of one rank of this run (its --sep_size and --activation_checkpointing):
     the total `plan` reports under "this run" (device "cuda"; "cpu": without cuBLAS's workspaces)."""
@@ -338,6 +346,9 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
     if muon:
         lines.append(f"  {'Muon step transient':<25}{b['step_transient'] / GiB:>18.3f}  (the largest matrix's update"
                      + (", + FSDP's whole-matrix gather)" if fsdp else ")"))
+    if cfg.checkpoint.async_save:   # a copy of what this rank passes to the checkpoint, in host memory
+        lines.append(f"  {'--async_save staging':<25}{staging_bytes(b) / GiB:>18.3f}  (host memory, not GPU: the "
+                     "rank's parameters and optimizer state, copied at each save)")
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
               "  sep  checkpointing     saved           transient  bf16 weight copies  largest --batch_size"]

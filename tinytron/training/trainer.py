@@ -42,6 +42,7 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
+from tinytron.training.checkpoint_async import AsyncSaver, SyncSaver
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.documents import document_layout_fn
 from tinytron.training.downstream import downstream_from_config
@@ -97,14 +98,15 @@ class Trainer:
             point.step, point.skipped_steps, point.branch, point.data_offset)
         self.log = RunLogger(self.run_dir, config, is_main=self.is_main, resume_step=point.rewind_to,
                              wandb_id=point.wandb_id)
+        # Writes the checkpoints; --async_save: in the background (collective: its gloo group)
+        self.saver = (AsyncSaver if config.checkpoint.async_save else SyncSaver)(self.log.console)
         if self.is_main:
             for line in run_summary(self) + [f"warning: {w}" for w in short_run_warnings(config, self.total_steps)]:
                 print(f"[tinytron] {line}", flush=True)
 
     # ------------------------------------------------------------------ setup
     def _init_runtime(self) -> None:
-        """Validate the config; device, backend, process groups and stop signals
-        (distributed/runtime.py)."""
+        """Validate the config; device, backend, process groups, stop signals (distributed/runtime.py)."""
         cfg, t = self.config, self.config.training
         self.grad_accum_steps = validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sink_packages(cfg.logging)
@@ -204,7 +206,7 @@ class Trainer:
         return os.path.join(self.run_dir, "checkpoints")
 
     def save(self) -> str:
-        """Write checkpoint `self.step` (collective); -> its folder."""
+        """Write checkpoint `self.step` (collective; --async_save: start writing it); -> its folder."""
         self.optimizer.finish_param_gather()
         data_step = self.step + self.data_offset
         meta = {"step": self.step, "skipped_steps": self.skipped_steps,
@@ -214,11 +216,9 @@ class Trainer:
                                   "step_in_epoch": data_step % self.steps_per_epoch},
                 "world_size": self.world_size, "sep_size": ps.get_sep_size(), "wandb_id": self.log.wandb_id,
                 "config": self.config.to_dict()}
-        start = time.monotonic()
-        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
-                                    self.config.checkpoint.keep_last_n_checkpoints)
+        path = self.saver.save(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
+                               self.config.checkpoint.keep_last_n_checkpoints)
         self._last_save_time = time.monotonic()
-        self.log.console(f"[tinytron] saved {path} ({self._last_save_time - start:.1f} s)")
         return path
 
     # ------------------------------------------------------------------ steps
@@ -367,8 +367,10 @@ class Trainer:
                     # A signal that came during this save: stop here, the step is saved.
                     stopping = stopping or (not last and share_stop(self.signals, self.device))
                 if stopping:
+                    self.saver.wait()   # --async_save: the stop's checkpoint complete
                     self.signals.announce_stop(self.step, saved, self.is_main)
                     break
+            self.saver.wait()
         self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.log.close()
 
