@@ -14,7 +14,7 @@ import pytest
 
 from tests.docs import doc_block
 from tests.test_preemption import FLAGS, LONG, _rank_logs, _run_dir, _steps, jobs
-from tests.utils import read_log
+from tests.utils import launch_env, read_log
 
 TINYTRON_TORCHRUN = [os.path.join(os.path.dirname(sys.executable), "tinytron-torchrun"), "--standalone",
                      "--nproc_per_node", "2"]
@@ -155,3 +155,16 @@ def test_async_save_without_saves_is_refused(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: --async_save writes checkpoints in the background: it needs --do_save (drop --no-do_save)")
     assert not os.listdir(tmp_path)
+
+
+def test_plan_counts_the_async_staging():
+    """docs/checkpoints.md's tinytron-plan command, as written: the staging line holds the rank's
+    optimizer state (ZeRO-1 on) and its share of the parameters (each written by one rank);
+    tests/test_plan.py checks the bytes of each rank against the copy --async_save makes."""
+    r = subprocess.run(["bash", "-c", doc_block("docs/checkpoints.md", "async-plan")], capture_output=True, text=True,
+                       env=launch_env(os.path.dirname(sys.executable)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line[:27].strip(): line[27:].split() for line in r.stdout.splitlines() if line.startswith("  ")}
+    staging, params, optimizer = (float(rows[k][0]) for k in
+                                  ("--async_save staging", "parameters (fp32)", "AdamW state (fp32 m, v)"))
+    assert optimizer < staging < params + optimizer

@@ -2,7 +2,8 @@
 copied to host memory.
 
 `AsyncSaver.save` copies the model, optimizer and RNG state of this rank into host memory (the
-staging; the loop goes on once it is done) and hands the copy to a thread, which writes the same
+staging, into the same buffers at every save; the loop goes on once it is done; of the tensors
+every rank holds whole, each rank copies only those it writes) and hands the copy to a thread, which writes the same
 folder a synchronous save writes (checkpoint_save.write: DCP for the tensors, every rank its own
 shards), agrees with the other ranks' threads that every write succeeded, and only then has rank 0
 write COMPLETE and rename the folder: a crash during the background write leaves the previous
@@ -31,20 +32,57 @@ from tinytron.training import checkpoint_save
 from tinytron.training.checkpoint import rng_state, sharded_model_state, step_dir
 
 
-def stage(value):
+def stage(value, cache: dict | None = None, key: str = ""):
     """A host-memory copy of a state value (sharded_checkpoint.py's kinds) that later steps do
     not change: tensors (a DTensor keeps its placement, its local shard copied), Chunks and lists
-    of them; other objects deep-copied."""
+    of them; other objects deep-copied. `cache` ({key: host tensor}): the buffers of the previous
+    save, reused when the shape and dtype match (no new allocation, no page faults, per save)."""
     if isinstance(value, DTensor):
-        return DTensor.from_local(stage(value.to_local()), value.device_mesh, value.placements,
+        return DTensor.from_local(stage(value.to_local(), cache, key), value.device_mesh, value.placements,
                                   shape=value.shape, stride=value.stride(), run_check=False)
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        old = None if cache is None else cache.get(key)
+        if old is None or old.shape != value.shape or old.dtype != value.dtype:
+            old = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+            if cache is not None:
+                cache[key] = old
+        return old.copy_(value.detach())
     if isinstance(value, Chunk):
-        return Chunk(stage(value.tensor), value.offsets, value.global_shape)
+        return Chunk(stage(value.tensor, cache, key), value.offsets, value.global_shape)
     if isinstance(value, list):
-        return [stage(v) for v in value]
+        return [stage(v, cache, f"{key}/{i}") for i, v in enumerate(value)]
     return copy.deepcopy(value)
+
+
+def owned(sizes: dict[str, int], world_size: int, rank: int) -> set[str]:
+    """The keys of the replicated tensors (every rank holds them whole: ZeRO-1's parameters) that
+    `rank` stages and writes, each by one rank: largest first, to the rank with the fewest bytes
+    so far (ties: the lowest rank), so every rank copies about 1/world_size of them. The same
+    on every rank: `sizes` ({key: bytes}) is."""
+    load, mine = [0] * world_size, set()
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        r = load.index(min(load))
+        load[r] += sizes[key]
+        if r == rank:
+            mine.add(key)
+    return mine
+
+
+def own_model_state(state: dict) -> dict:
+    """sharded_model_state without the replicated tensors other ranks write (DCP would write each
+    once anyway: only their copy is saved)."""
+    if not dist.is_initialized():
+        return state
+    plain = {k: v.nbytes for k, v in state.items() if type(v) is torch.Tensor}
+    mine = owned(plain, dist.get_world_size(), dist.get_rank())
+    return {k: v for k, v in state.items() if k not in plain or k in mine}
+
+
+def staged_state(model, optimizer, cache: dict | None = None) -> tuple[dict, dict]:
+    """Host copies of the model state this rank writes and of its optimizer state (stage)."""
+    model_state = own_model_state(sharded_model_state(model))
+    return ({k: stage(v, cache, f"model/{k}") for k, v in model_state.items()},
+            {k: stage(v, cache, f"optimizer/{k}") for k, v in optimizer.checkpoint_state().items()})
 
 
 class SyncSaver:
@@ -72,6 +110,7 @@ class AsyncSaver(SyncSaver):
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._thread = None
         self._outcome = None   # (folder, seconds) or the exception of the write in flight
+        self._cache = {}       # the host buffers of the staged state, reused save after save
 
     def save(self, root: str, step: int, model, optimizer, meta: dict, keep_last_n: int = 0) -> str:
         """Wait for the save in flight, stage checkpoint `step` and start writing it; -> its
@@ -80,8 +119,8 @@ class AsyncSaver(SyncSaver):
         start = time.monotonic()
         final, tmp = step_dir(root, step), os.path.join(root, f".tmp_step_{step:08d}")
         checkpoint_save.prepare(root, final, tmp)
-        model_state, optimizer_state = stage(sharded_model_state(model)), stage(optimizer.checkpoint_state())
-        args = (root, step, tmp, model_state, optimizer_state, rng_state(), meta, keep_last_n, self.group)
+        args = (root, step, tmp, *staged_state(model, optimizer, self._cache), rng_state(), meta, keep_last_n,
+                self.group)
         staged = time.monotonic()
         self._thread = threading.Thread(target=self._write, args=(args, staged), name="tinytron-async-save",
                                         daemon=True)
