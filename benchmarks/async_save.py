@@ -1,6 +1,6 @@
 """Training time a checkpoint save costs: synchronous saves against --async_save, at world 2.
 
-    torchrun --nproc_per_node 2 -m benchmarks.async_save [--reps 3] [--append docs/benchmarks.md]
+    torchrun --nproc_per_node 2 -m benchmarks.async_save [--reps 2] [--append docs/benchmarks.md]
 
 The same run (GPT-2-small shape: 12 layers, hidden 768, vocab 32768, 0.12B parameters; AdamW with
 ZeRO-1; fp32 on CPU; 9 steps of one 64-token sequence per rank) three ways: without saves, saving
@@ -14,6 +14,7 @@ when a save is still in flight at the next one.
 """
 
 import argparse
+import gc
 import shutil
 import statistics
 import tempfile
@@ -53,12 +54,14 @@ def one_run(flags: list[str], log_dir: str) -> float:
     trainer.train()
     seconds = torch.tensor([trainer.ended - trainer.started])
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    del trainer
+    gc.collect()   # the model, optimizer and staging buffers: one run's at a time in memory
     return seconds.item()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")
     args = p.parse_args()
     init_distributed("cpu")
