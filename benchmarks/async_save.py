@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import init_distributed, markdown_table, report
+from tinytron.distributed.runtime import close_runtime
 from tinytron.training.arguments import build_parser, config_from_args
 from tinytron.training.trainer import Trainer
 from tinytron.utils.params import count_parameters
@@ -76,6 +77,7 @@ def main() -> None:
             if dist.get_rank() == 0:
                 shutil.rmtree(box[0])
     if dist.get_rank() != 0:
+        close_runtime()
         return
     base = statistics.median(times["no saves"])
     lost = {name: (statistics.median(t) - base) / SAVES for name, t in times.items() if name != "no saves"}
@@ -89,7 +91,7 @@ def main() -> None:
             "loses.\n")
     report("Checkpoint saves: synchronous vs --async_save (world 2, CPU)", torch.device("cpu"),
            "torch.distributed.run --nproc_per_node 2 -m benchmarks.async_save", body, args.append)
-    dist.destroy_process_group()
+    close_runtime()   # the threads the runs started (failure watcher, ...) joined before the interpreter exits
 
 
 if __name__ == "__main__":
