@@ -32,6 +32,11 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT, ModelConfig
 from tinytron.training import checkpoint as ckpt
 
+try:   # where save_checkpoint lives since it fails in one line (older versions: checkpoint.py)
+    from tinytron.training.checkpoint_save import save_checkpoint
+except ImportError:
+    save_checkpoint = ckpt.save_checkpoint
+
 CONFIG = ModelConfig(vocab_size=8192, num_layer=5, num_attention_heads=8, num_key_value_heads=2,
                      hidden_size=512, intermediate_size=1536, block_size=64)
 BUCKET_MIB = 40.0   # DistributedOptimizer's default bucket_size_mb
@@ -81,7 +86,7 @@ def _save(root: str) -> dict:
     zero.reduce_gradients()
     zero.step()
     meta = {"step": 1, "world_size": dist.get_world_size()}
-    out = _measure(lambda: ckpt.save_checkpoint(root, 1, model, zero, meta))
+    out = _measure(lambda: save_checkpoint(root, 1, model, zero, meta))
     return dict(out, shard=_shard_bytes(zero), params=sum(p.numel() for p in model.parameters()))
 
 

@@ -32,7 +32,9 @@ MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_i
 VARIANTS = {"dense": [], "moe": MOE}
 # Dropout makes the resumed losses depend on the restored RNG states (same layout only: dropout
 # masks depend on the layout).
-SAME_LAYOUT_VARIANTS = {**VARIANTS, "dropout": ["--dropout", "0.1"]}
+SAME_LAYOUT_VARIANTS = {**VARIANTS, "dropout": ["--dropout", "0.1"],
+                        # MoE (expert chunks) with --async_save: its checkpoints are the moe run's
+                        "async": [*MOE, "--async_save"]}
 # Layouts that resume the world-2 / sep-2 checkpoint of VARIANTS: (world size, sep size).
 LAYOUTS = {"w1": (1, 1), "w4sep1": (4, 1), "w4sep2": (4, 2)}
 
@@ -121,7 +123,7 @@ def world2_runs(tmp_path_factory):
     return base, starts
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "dropout"])
+@pytest.mark.parametrize("variant", ["dense", "moe", "dropout", "async"])
 def test_exact_resume_same_layout(world2_runs, variant):
     """World 2, sep 2, ZeRO-1, dense, MoE and dense with dropout: the re-run resumes at step 4,
     rewinds log.txt, logs every step once, and reproduces the uninterrupted losses (train and
@@ -140,6 +142,21 @@ def test_exact_resume_same_layout(world2_runs, variant):
     assert complete_steps(run_dir) == [4, 8]
     for f in ("model", "optimizer"):
         assert_same_tensors(os.path.join(ckpt_path(run_dir, 8), f), os.path.join(ckpt_path(ref_dir, 8), f))
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(world2_runs):
+    """--async_save (world 2, sep 2, MoE: ZeRO-1 and expert chunks staged): checkpoints 4 (written
+    while steps 4.. ran) and 8 (after resuming 4) hold bitwise the tensors of the synchronous run's,
+    and the losses are the same: resume, rewinds, other layouts and export read them alike."""
+    base, _ = world2_runs
+    sync_dir = tiny_config(f"{base}/moe-uninterrupted", *MOE).run_dir
+    for name in ("async-uninterrupted", "async"):
+        run_dir = tiny_config(f"{base}/{name}", *MOE).run_dir
+        assert read_log(run_dir) == read_log(sync_dir)
+        for step in (4, 8):
+            for f in ("model", "optimizer"):
+                assert_same_tensors(os.path.join(ckpt_path(run_dir, step), f),
+                                    os.path.join(ckpt_path(sync_dir, step), f))
 
 
 def test_resume_on_other_layouts(world2_runs):

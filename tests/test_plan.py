@@ -4,12 +4,22 @@ real tensors of a trained model and optimizer), saved activations with saved-ten
 
 import pytest
 import torch
+import torch.utils._pytree
 
 from tests.dist_helper import run_distributed
 from tests.utils import PeakMemory, tiny_config
 from tinytron.commands.plan import main
+from tinytron.distributed.sharded_checkpoint import Chunk
 from tinytron.training import Trainer
-from tinytron.training.memory import activation_bytes, fsdp_state_bytes, peak_bytes, state_bytes, weight_copy_bytes
+from tinytron.training.checkpoint_async import staged_state
+from tinytron.training.memory import (
+    activation_bytes,
+    fsdp_state_bytes,
+    peak_bytes,
+    staging_bytes,
+    state_bytes,
+    weight_copy_bytes,
+)
 
 MOE = ["--use_moe", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_intermediate_size", "48"]
 # seq 32 / hidden 64: activations dominate the B-independent bytes (bf16 weight copies, RoPE tables).
@@ -78,13 +88,22 @@ def test_saved_activations_and_peak_single_process(tmp_path, mode, moe):
     assert peak.peak <= planned <= 1.05 * peak.peak, (peak.peak, planned)
 
 
+def measured_staging(trainer) -> int:
+    """Bytes of the host copy --async_save makes of this rank's checkpoint state (every tensor,
+    a DTensor's local shard, a Chunk's block)."""
+    staged = staged_state(trainer.model, trainer.optimizer)
+    tensors = [_local(getattr(t, "tensor", t)) for t in torch.utils._pytree.tree_leaves(
+        staged, is_leaf=lambda x: isinstance(x, Chunk)) if isinstance(t, (torch.Tensor, Chunk))]
+    return _unique_bytes(tensors)
+
+
 def _state_and_saved_on_rank(log_dir, runs):
     out = []
     for flags in runs:
         trainer = Trainer(tiny_config(log_dir, *SHAPE, *flags))
         trainer.train()  # two steps: AdamW state exists
         saved = None if trainer.config.parallel.fsdp else measured_saved(trainer)
-        out.append((measured_state(trainer), saved))
+        out.append((measured_state(trainer), saved, measured_staging(trainer)))
     return out
 
 
@@ -104,7 +123,8 @@ RUNS = {  # world 2
 
 def test_state_exact_and_activations_at_world_2(tmp_path):
     """Each rank's parameter, gradient and optimizer-state bytes (AdamW; Muon + AdamW) equal the
-    plan's exactly (ZeRO-1 shards, whole-matrix owners, padding, experts split over EP; --fsdp:
+    plan's exactly, and so does the host copy --async_save stages (tinytron-plan's line)
+    (ZeRO-1 shards, whole-matrix owners, padding, experts split over EP; --fsdp:
     FSDP2's padded dim-0 shards of params and grads, the AdamW state of the real rows); saved
     activations under Ulysses/EP within 2% (10% with expert parallelism; not measured under FSDP,
     whose gathered weights share no storage with the parameters)."""
@@ -116,8 +136,9 @@ def test_state_exact_and_activations_at_world_2(tmp_path):
         else:
             planned = state_bytes(cfg, 2, cfg.optim.use_distributed_optimizer)
         for rank in range(2):
-            state, saved = results[rank][i]
+            state, saved, staged = results[rank][i]
             assert state == planned[rank], (name, rank)
+            assert staged == staging_bytes(cfg, 2)[rank], (name, rank)   # --async_save's host copy
             if cfg.parallel.fsdp:
                 continue
             # Measured within 0.5%, except under expert parallelism, where a rank's expert

@@ -6,6 +6,7 @@ with `python` (WORLD_SIZE unset: one process, no process group) or `torchrun` (o
 device, env:// rendezvous).
 """
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from tinytron.distributed import abort
 from tinytron.distributed import parallel_state as ps
-from tinytron.distributed.signals import StopSignals
+from tinytron.distributed.signals import StopSignals, stop_interrupt_thread
 
 
 class RuntimeSetupError(ValueError):
@@ -75,3 +76,18 @@ def init_runtime(device: str = "auto", backend: str = "auto", sep_size: int = 1,
         ps.initialize_parallel_state(sep_size)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Runtime(device=dev, rank=rank, world_size=world, is_main=rank == 0, signals=signals)
+
+
+def close_runtime() -> None:
+    """At a normal exit, before the interpreter's: stop and join the threads the runtime started
+    (the second-SIGINT thread, the failure watcher); free what the run left in reference cycles
+    (a Trainer's model and optimizer hold tensors and collective handles: freed during the
+    interpreter's teardown instead, their C++ side may need the GIL from a backend thread, which
+    then aborts with "terminate called without an active exception"); drop the parallel groups,
+    then destroy every process group (torch shuts them down in order)."""
+    stop_interrupt_thread()
+    abort.stop_watching()
+    gc.collect()
+    ps.destroy_parallel_state()
+    if dist.is_initialized():
+        dist.destroy_process_group()

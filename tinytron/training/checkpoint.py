@@ -17,7 +17,8 @@ optimizer/optimizer.pt: the gathered optimizer state) still loads.
 
 A checkpoint is written into `.tmp_step_<n>`, fsynced, and renamed when complete, so a crash
 mid-save (or a power loss after it) leaves the previous checkpoints intact and the half-written
-one invisible (the next save removes it).
+one invisible (the next save removes it); a save that fails with an OS error (no space left,
+permission denied) removes it at once and ends the run in one line (checkpoint_save.py).
 
 Lineage: the checkpoints of a run folder form one branch of training. meta.pt records the branch
 (`branch`: id, the --resume_path and --skip_data_steps that started it, its first step), so a
@@ -41,7 +42,7 @@ from torch import nn
 
 from tinytron.distributed import parallel_state as ps
 from tinytron.distributed.fsdp.apply import full_tensor, local_rows
-from tinytron.distributed.sharded_checkpoint import Chunk, load_state, read_full_state, read_metadata, save_state
+from tinytron.distributed.sharded_checkpoint import Chunk, load_state, read_full_state, read_metadata
 
 COMPLETE = "COMPLETE"
 ABANDONED = "abandoned"
@@ -253,16 +254,6 @@ def superseded(root: str, path: str) -> list[str]:
     return [d for d in own if step_of(d) > step_of(path)]
 
 
-def _write_payload(tmp: str, model: nn.Module, optimizer) -> list[str]:
-    """Write the model, optimizer and RNG state into checkpoint folder `tmp`, each rank its own
-    shard; return the files this rank wrote. Collective."""
-    files = save_state(os.path.join(tmp, "model"), sharded_model_state(model), _world_group())
-    files += optimizer.save(os.path.join(tmp, "optimizer"))
-    rng_file = os.path.join(tmp, "rng", f"rank{_rank()}.pt")
-    torch.save(rng_state(), rng_file)
-    return files + [rng_file]
-
-
 def _read_payload(path: str, model: nn.Module, optimizer) -> None:
     """Load the model and optimizer state of checkpoint folder `path` (either format).
     Collective. Unreadable or foreign files raise CheckpointError."""
@@ -287,43 +278,6 @@ def _read_payload(path: str, model: nn.Module, optimizer) -> None:
     except Exception as e:  # noqa: BLE001 - as in _load; ValueError: another model's parameter names
         raise CheckpointError(f"optimizer state in {optimizer_dir} is corrupt, unreadable or of another "
                               f"model ({type(e).__name__})") from None
-
-
-def save_checkpoint(root: str, step: int, model: nn.Module, optimizer, meta: dict,
-                    keep_last_n: int = 0) -> str:
-    """Write checkpoint `step` atomically and durably. Collective: every rank calls it.
-    keep_last_n > 0: then keep it and the newest keep_last_n - 1 older checkpoints, delete the
-    rest (never the one just written)."""
-    final, tmp = step_dir(root, step), os.path.join(root, f".tmp_step_{step:08d}")
-    rank = _rank()
-    if rank == 0:
-        # Leftovers of killed saves, whatever their step (one save at a time per run folder).
-        for leftover in glob.glob(os.path.join(root, ".tmp_step_*")):
-            shutil.rmtree(leftover, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
-    _barrier()
-    for path in _write_payload(tmp, model, optimizer):
-        _fsync(path)  # by the rank that wrote it: on a shared file system, from the node that did
-    _barrier()
-    if rank == 0:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
-        _fsync(os.path.join(tmp, "meta.pt"))
-        fsync_folders(tmp)  # every file and its name on disk before the marker says complete
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
-        if os.path.isdir(final):
-            remove_checkpoint(final)
-        os.rename(tmp, final)
-        _fsync(root)  # the rename itself survives a power loss
-        if keep_last_n > 0:  # only now that the new one is complete; never the new one itself
-            older = [d for d in list_complete(root) if step_of(d) < step]
-            for old in older[:max(0, len(older) - (keep_last_n - 1))]:
-                remove_checkpoint(old)
-    _barrier()
-    return final
 
 
 def read_meta(path: str) -> dict:

@@ -178,6 +178,8 @@ class CheckpointConfig:
         bound=">= 0"))
     save_every_minutes: float = field(default=0.0, metadata=_help(
         "also save when this many minutes passed since the last save (0: off)", bound=">= 0"))
+    async_save: bool = field(default=False, metadata=_help(
+        "write checkpoints in the background: training waits only while the state is copied to host memory"))
 
 
 SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "optim": OptimConfig, "data": DataConfig,
@@ -301,6 +303,8 @@ def validate_config(cfg: Config, world_size: int) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_bounds(cfg)
+    if cfg.checkpoint.async_save and not cfg.checkpoint.do_save:
+        raise ConfigError("--async_save writes checkpoints in the background: it needs --do_save (drop --no-do_save)")
     if t.precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision {t.precision} is not one of bf16, fp32")
     if t.seq_len > m.block_size:

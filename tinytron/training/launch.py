@@ -8,7 +8,9 @@ import traceback
 import torch.distributed as dist
 
 from tinytron.distributed import abort
+from tinytron.distributed.runtime import close_runtime
 from tinytron.training import checkpoint as ckpt
+from tinytron.training.checkpoint_save import CheckpointWriteError
 from tinytron.training.config import ConfigError
 from tinytron.training.preflight import check_flags
 from tinytron.training.trainer import Trainer, TrainingError
@@ -32,7 +34,7 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
         trainer_cls(config).train()
     except (ConfigError, ckpt.CheckpointError) as e:
         abort.fail(f"[tinytron] error: {e}", 2)
-    except TrainingError as e:
+    except (TrainingError, CheckpointWriteError) as e:
         abort.fail(f"[tinytron] error: {e}", 1)
     except Exception as e:  # noqa: BLE001 - one line for the other ranks, after the traceback
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -45,9 +47,7 @@ def run(trainer_cls=Trainer, parser=None, argv=None) -> None:
                        f"--dist_timeout_minutes {config.parallel.dist_timeout_minutes}): {first}", 1, post=False)
         traceback.print_exc()
         abort.fail(f"[tinytron] error: rank {rank}: {type(e).__name__}: {first}", 1)
-    abort.stop_watching()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_runtime()
 
 
 def _is_comm_failure(e: Exception) -> bool:

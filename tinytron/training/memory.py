@@ -37,6 +37,7 @@ from tinytron.distributed.zero1.grad_buffer import bucket_layout, shard_of
 from tinytron.distributed.zero1.whole_matrices import owner_layout
 from tinytron.model import GPT
 from tinytron.model.gpt import CHUNK_TOKENS
+from tinytron.training.checkpoint_async import owned
 from tinytron.training.config import Config, validate_config
 from tinytron.training.trainer import Trainer
 
@@ -313,6 +314,34 @@ def _breakdown(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = 
     return out
 
 
+def staging_bytes(cfg: Config, world_size: int, trainer_cls=Trainer) -> list[int]:
+    """Host memory --async_save copies the state into at each save, on each global rank (training/
+    checkpoint_async.py): its optimizer state and, of each entry of the model's state dict (a tied
+    head counts again), its FSDP shard's real rows (--fsdp), its experts (expert parallelism), or,
+    for a tensor every rank holds whole, all of it on the one rank that writes it (`owned`)."""
+    fsdp, sep = cfg.parallel.fsdp and world_size > 1, cfg.parallel.sep_size
+    ep = sep if cfg.model.use_moe else 1
+    states = (fsdp_state_bytes(cfg, world_size, trainer_cls) if fsdp else
+              state_bytes(cfg, world_size, cfg.optim.use_distributed_optimizer, trainer_cls))
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    params, tensors = dict(model.named_parameters(remove_duplicate=False)), model.state_dict()
+    split = {k for k in tensors if k in params and (fsdp or (ep > 1 and getattr(params[k], "is_expert", False)))}
+    plain = {k: t.nbytes for k, t in tensors.items() if k not in split}
+    out = []
+    for rank in range(world_size):
+        mine = sum(plain[k] for k in owned(plain, world_size, rank))
+        for k in split:
+            p, is_expert = params[k], getattr(params[k], "is_expert", False)
+            rows = p.shape[0] // (ep if is_expert else 1)
+            if fsdp:   # torch.chunk's rule over the group, as fsdp_state_bytes
+                c, r = -(-rows // (world_size // sep if is_expert else world_size)), rank // sep if is_expert else rank
+                rows = max(0, min(c, rows - r * c))
+            mine += rows * p[0].numel() * p.element_size()
+        out.append(mine + states[rank]["optimizer"])
+    return out
+
+
 def peak_bytes(cfg: Config, world_size: int, trainer_cls=Trainer, device: str = "cuda") -> int:
     """The planned peak of one rank of this run (its --sep_size and --activation_checkpointing):
     the total `plan` reports under "this run" (device "cuda"; "cpu": without cuBLAS's workspaces)."""
@@ -343,6 +372,9 @@ def plan(cfg: Config, world_size: int, gpu_memory_gib: float, usable_fraction: f
     if muon:
         lines.append(f"  {'Muon step transient':<25}{b['step_transient'] / GiB:>18.3f}  (the largest matrix's update"
                      + (", + FSDP's whole-matrix gather)" if fsdp else ")"))
+    if cfg.checkpoint.async_save:   # a copy of what this rank writes to the checkpoint, in host memory
+        lines.append(f"  {'--async_save staging':<25}{max(staging_bytes(cfg, world_size, trainer_cls)) / GiB:>18.3f}"
+                     "  (host memory, not GPU: the optimizer state and the parameters the rank writes)")
     lines += ["", f"activations per micro-batch of {t.batch_size} sequences (GiB), and the largest "
               f"--batch_size that fits ({'FSDP' if fsdp else 'ZeRO-1 ' + ('on' if zero1 else 'off')})",
               "  sep  checkpointing     saved           transient  bf16 weight copies  largest --batch_size"]

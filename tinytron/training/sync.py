@@ -12,7 +12,7 @@ from tinytron.distributed.signals import STOP_SIGNALS, StopSignals
 
 
 def stop_flags(signals: StopSignals, device: torch.device, *extra: float) -> torch.Tensor:
-    """[SIGTERM received, SIGUSR1 received, *extra] of this rank, on `device` for an all-reduce
+    """[SIGTERM, SIGUSR1, SIGINT received, *extra] of this rank, on `device` for an all-reduce
     (pinned and copied without blocking: it is part of every step)."""
     flags = [float(sig in signals.received) for sig in STOP_SIGNALS] + list(extra)
     return torch.tensor(flags, pin_memory=device.type == "cuda").to(device, non_blocking=True)
@@ -72,9 +72,10 @@ def reduce_step_stats(losses: torch.Tensor, micro_steps: int, grad_norm: torch.T
         dist.all_reduce(stats)
     values = torch.cat((stats, grad_norm.view(1))).tolist()  # the step's one host sync
     norm = values.pop()
-    lm, aux, stop_term, stop_usr1, save = values[:5]
-    times, values = values[5:5 + world], values[5 + world:]
-    agree_on_stop(signals, [stop_term, stop_usr1])
+    n = len(STOP_SIGNALS)
+    lm, aux, *stops, save = values[:3 + n]
+    times, values = values[3 + n:3 + n + world], values[3 + n + world:]
+    agree_on_stop(signals, stops)
     load = None
     if expert_load is not None:
         experts = expert_load.shape[1]

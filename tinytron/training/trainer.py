@@ -14,10 +14,9 @@ the Trainer stores it):
     _lr_at(self, step: int) -> float
         the learning rate of optimizer step `step` (0-based)
 
-Per optimizer step: `grad_accum_steps` micro-steps of forward/backward (gradients accumulate in
-flat buffers), one gradient reduction (reduce-scatter with ZeRO-1, all-reduce without), global
-norm clipping, the optimizer step, and ONE small all-reduce of the step's statistics, the only
-host sync of the step (sync.py).
+Per optimizer step: `grad_accum_steps` micro-steps of forward/backward into flat buffers, one
+gradient reduction, clipping, the optimizer step, and ONE small all-reduce of the step's
+statistics, its only host sync (sync.py).
 """
 
 import math
@@ -43,7 +42,8 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
-from tinytron.training import sync
+from tinytron.training import preflight
+from tinytron.training.checkpoint_async import AsyncSaver, SyncSaver
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.documents import document_layout_fn
 from tinytron.training.downstream import downstream_from_config
@@ -70,8 +70,7 @@ class Trainer:
         self.downstream = downstream_from_config(config, equal_forwards=self.fsdp)
         datasets = self._init_dataset()
         if datasets is None:
-            raise TypeError("_init_dataset must return (train_dataset, val_dataset) (it no longer "
-                            "sets self.train_dataset / self.val_dataset)")
+            raise TypeError("_init_dataset must return (train_dataset, val_dataset), not set them")
         self.train_dataset, self.val_dataset = datasets
         check_items(self.train_dataset, self.val_dataset, config.training.seq_len, config.model.vocab_size)
         # A subclass's data enters the run's identity: other data never resumes this folder.
@@ -104,14 +103,15 @@ class Trainer:
                                  config.checkpoint.skip_data_steps)
         self.log = RunLogger(self.run_dir, config, is_main=self.is_main, resume_step=point.rewind_to,
                              wandb_id=point.wandb_id)
+        # Writes the checkpoints; --async_save: in the background (collective: its gloo group)
+        self.saver = (AsyncSaver if config.checkpoint.async_save else SyncSaver)(self.log.console)
         if self.is_main:
             for line in run_summary(self) + [f"warning: {w}" for w in short_run_warnings(config, self.total_steps)]:
                 print(f"[tinytron] {line}", flush=True)
 
     # ------------------------------------------------------------------ setup
     def _init_runtime(self) -> None:
-        """Validate the config; device, backend, process groups and stop signals
-        (distributed/runtime.py)."""
+        """Validate the config; device, backend, process groups, stop signals (distributed/runtime.py)."""
         cfg, t = self.config, self.config.training
         self.grad_accum_steps = validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_sink_packages(cfg.logging)
@@ -190,10 +190,8 @@ class Trainer:
                                  fused=self.device.type == "cuda")
 
     def _wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> DistributedOptimizer:
-        """ZeRO-1 (or plain data parallelism) around `optimizer`, reducing over parallel_state's
-        groups. From here on the model's parameters live in the optimizer's flat buffers: each
-        `p.data` and `p.grad` is a view into them (zero1/grad_buffer.py), and model.zero_grad()
-        zeroes the grads in place."""
+        """ZeRO-1 (or FSDP2) around `optimizer`. With ZeRO-1 each `p.data` and `p.grad` is from here
+        on a view into the optimizer's flat buffers (zero1/grad_buffer.py)."""
         p = self.config.parallel
         if self.fsdp:
             return FSDPOptimizer(optimizer, self.model, dist.group.WORLD, ps.get_ep_group())
@@ -210,8 +208,8 @@ class Trainer:
     def checkpoint_root(self) -> str:
         return os.path.join(self.run_dir, "checkpoints")
 
-    def save(self) -> None:
-        """Write checkpoint `self.step` (collective)."""
+    def save(self) -> str:
+        """Write checkpoint `self.step` (collective; --async_save: start writing it); -> its folder."""
         self.optimizer.finish_param_gather()
         data_step = self.step + self.data_offset
         meta = {"step": self.step, "skipped_steps": self.skipped_steps,
@@ -221,11 +219,10 @@ class Trainer:
                                   "step_in_epoch": data_step % self.steps_per_epoch},
                 "world_size": self.world_size, "sep_size": ps.get_sep_size(), "wandb_id": self.log.wandb_id,
                 "config": self.config.to_dict()}
-        start = time.monotonic()
-        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
-                                    self.config.checkpoint.keep_last_n_checkpoints)
+        path = self.saver.save(self.checkpoint_root, self.step, self.model, self.optimizer, meta,
+                               self.config.checkpoint.keep_last_n_checkpoints)
         self._last_save_time = time.monotonic()
-        self.log.console(f"[tinytron] saved {path} ({self._last_save_time - start:.1f} s)")
+        return path
 
     # ------------------------------------------------------------------ steps
     def _split_batch(self, batch: torch.Tensor):
@@ -234,13 +231,7 @@ class Trainer:
         their documents with --reset_position_ids), the --document_mask over the FULL sequences
         (None without), and the number of valid targets of the FULL sequences (so per-rank losses
         sum to the full mean over SEP)."""
-        # Ids past the embedding table: one line instead of an IndexError traceback (CPU) or a
-        # device-side assert (CUDA). Checked on the DataLoader's host copy only: no device sync,
-        # a few µs per micro-batch.
-        largest = int(batch.max()) if batch.device.type == "cpu" else -1
-        if largest >= self.config.model.vocab_size:
-            raise ConfigError(f"a batch of step {self.step} holds token id {largest}, not below --vocab_size "
-                              f"{self.config.model.vocab_size}")
+        preflight.check_batch_ids(batch, self.step, self.config.model.vocab_size)
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
@@ -252,9 +243,8 @@ class Trainer:
 
     def _autocast(self):
         if self.config.training.precision == "bf16":
-            # No cast cache: it would keep every layer's bf16 weight copy until forward ends, also
-            # where activation checkpointing frees the layer (14 GiB at 7B); each weight is cast
-            # once per forward anyway (the chunked head's too: benchmarks/casts.py counts them).
+            # No cast cache: it would keep every layer's bf16 weight until forward ends (14 GiB at
+            # 7B); each weight is cast once per forward anyway (benchmarks/casts.py counts them).
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return nullcontext()
 
@@ -354,8 +344,8 @@ class Trainer:
                                 os.path.join(self.run_dir, "rank0_trace.json"),
                                 before_stop=self.optimizer.finish_param_gather)  # no collective in the trace
         # Bounds each step after the first by --step_timeout_minutes (hangs: distributed/watchdog.py).
-        watchdog = Watchdog(self.rank, self.world_size, cfg.parallel.step_timeout_minutes,
-                            os.path.join(self.run_dir, "hangs"), wait_points=(sync.__file__,))
+        watchdog = Watchdog(self.rank, self.world_size, cfg.parallel.step_timeout_minutes, os.path.join(
+            self.run_dir, "hangs"), wait_points=(reduce_step_stats.__code__.co_filename,))
         self.model.train()
         with closing(self._train_loader()) as batches, self.log.progress(self.total_steps, self.step), profiler:
             while self.step < self.total_steps:
@@ -380,13 +370,16 @@ class Trainer:
                     self.log.downstream(step, stats["eval"])
                 self.log.metrics_record(step, stats, self.step * t.total_batch_size, self.skipped_steps, self.device)
                 stopping = self.signals.agreed is not None  # agreed in the step's or validation's all-reduce
+                saved = None
                 if c.do_save and (self.step % c.save_every_steps == 0 or last or stopping or stats["save_due"]):
-                    self.save()
+                    saved = self.save()
                     # A signal that came during this save: stop here, the step is saved.
                     stopping = stopping or (not last and share_stop(self.signals, self.device))
                 if stopping:
-                    self.signals.announce_stop(self.step, c.do_save, self.is_main)
+                    self.saver.wait()   # --async_save: the stop's checkpoint complete
+                    self.signals.announce_stop(self.step, saved, self.is_main)
                     break
+            self.saver.wait()
         watchdog.close()
         self.optimizer.finish_param_gather()   # the model is complete when train() returns
         self.log.close()

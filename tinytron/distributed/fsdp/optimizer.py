@@ -104,6 +104,10 @@ class FSDPOptimizer:
         layout (state.py); returns the paths of the files this rank wrote."""
         return state.save(self, directory)
 
+    def checkpoint_state(self) -> dict:
+        """What save() writes, for a writer of its own (async saves; see ZeRO-1's)."""
+        return state.checkpoint_state(self)
+
     def load(self, directory: str) -> None:
         """Collective: load a folder written by this or by ZeRO-1's save() at any layout, each
         rank reading only its shards."""

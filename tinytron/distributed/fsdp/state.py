@@ -66,7 +66,12 @@ def _stepped(opt) -> list[tuple[torch.Tensor, nn.Parameter, int | None]]:
 
 
 def save(opt, directory: str) -> list[str]:
-    """See FSDPOptimizer.save. A Muon matrix's momentum is one chunk, written by its owner."""
+    """See FSDPOptimizer.save."""
+    return save_state(directory, checkpoint_state(opt), opt.process_group)
+
+
+def checkpoint_state(opt) -> dict:
+    """What save() writes. A Muon matrix's momentum is one chunk, written by its owner."""
     state = {"param_groups": saved_param_groups(opt.optimizer, opt._group_names),
              "shapes": {opt._names[p]: global_shape(opt, p) for p in opt._params}}
     for q, p, first in _stepped(opt):
@@ -80,7 +85,7 @@ def save(opt, directory: str) -> list[str]:
                     state[f"elem/{name}/{key}"] = flat_chunk(opt, p, local, start)
             else:
                 state[f"param/{name}/{key}"] = value
-    return save_state(directory, state, opt.process_group)
+    return state
 
 
 def load(opt, directory: str) -> None:

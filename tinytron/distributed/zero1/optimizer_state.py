@@ -202,6 +202,11 @@ class OptimizerStateMixin:
         folder, straight from the state tensors (no gather, no copy of the state; GPU tensors are
         copied to host memory as they are written). Returns the paths of the files this rank
         wrote, fsynced."""
+        return save_state(directory, self.checkpoint_state(), self.process_group)
+
+    def checkpoint_state(self) -> dict:
+        """What save() writes (sharded_checkpoint.py's state: Chunks of this rank's shard, views
+        of the live state tensors, and small objects), for a writer of its own (async saves)."""
         state = {"param_groups": self._saved_param_groups(),   # the same on every rank
                  "shapes": {self._names[p]: self._global_shape(p)
                             for buf in self._buffers for p in buf.offsets}}
@@ -213,7 +218,7 @@ class OptimizerStateMixin:
                     state[f"elem/{self._names[p]}/{k}"] = self._flat_chunk(p, start, v)
                 else:
                     state[f"param/{self._names[p]}/{k}"] = v
-        return save_state(directory, state, self.process_group)
+        return state
 
     def load(self, directory: str) -> None:
         """Collective over process_group: load a folder written by save() at any world size /
