@@ -89,8 +89,8 @@ def _check_failed_save(run_dir, errors) -> None:
     """Checkpoint 8 failed with ENOSPC: one line, the same on both ranks, naming it; 4 is the
     newest (and only) checkpoint, no partial folder is left."""
     root = os.path.join(run_dir, "checkpoints")
-    line = (f"error: cannot write checkpoint {root}/step_00000008: No space left on device (ENOSPC); the partial "
-            f"folder was removed, the newest complete checkpoint is {root}/step_00000004")
+    line = (f"[tinytron] error: cannot write checkpoint {root}/step_00000008: No space left on device (ENOSPC); "
+            f"the partial folder was removed, the newest complete checkpoint is {root}/step_00000004")
     assert [e.strip().splitlines()[-1] for e in errors] == [line, line]   # rank 0's progress bar above
     assert not any("Traceback" in e for e in errors)
     assert sorted(os.listdir(root)) == ["step_00000004"]
@@ -153,7 +153,7 @@ def test_async_save_without_saves_is_refused(tmp_path):
                         "--no-do_save"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == (
-        "error: --async_save writes checkpoints in the background: it needs --do_save (drop --no-do_save)")
+        "[tinytron] error: --async_save writes checkpoints in the background: it needs --do_save (drop --no-do_save)")
     assert not os.listdir(tmp_path)
 
 

@@ -165,8 +165,8 @@ def test_stopped_rank_is_named_and_the_job_restarts(jobs):
     assert rc == 0, err[-3000:]
     folder = os.path.join(run_dir, "hangs", "0")
     assert _errors(err) == [
-        "error: hang: rank 1 stopped making progress after step 29 (does not answer: stopped, dead or holding "
-        "the GIL); rank 0 waits on it (no step ended within --step_timeout_minutes 0.1 of the step before); "
+        "[tinytron] error: hang: rank 1 stopped making progress after step 29 (does not answer: stopped, dead or "
+        "holding the GIL); rank 0 waits on it (no step ended within --step_timeout_minutes 0.1 of the step before); "
         f"Python stacks: {os.path.relpath(folder, os.path.dirname(os.path.dirname(os.path.dirname(run_dir))))}"
         "/rank<r>.txt"], err[-3000:]
     assert os.listdir(folder) == ["rank0.txt"]   # a stopped rank writes none
@@ -184,9 +184,9 @@ def test_stalled_live_rank_is_named_with_its_place(jobs):
     lines = _errors(err)
     assert len(lines) == 1, err[-3000:]
     line = lines[0]
-    assert re.fullmatch(r"error: hang: rank 1 stopped making progress after step 29 \(runs outside any collective "
-                        r"at elastic_worker\.py:\d+ in train_step\); rank 0 waits on it \(.*\); Python stacks: "
-                        r"\S+/hangs/0/rank<r>\.txt", line), line
+    assert re.fullmatch(r"\[tinytron\] error: hang: rank 1 stopped making progress after step 29 \(runs outside any "
+                        r"collective at elastic_worker\.py:\d+ in train_step\); rank 0 waits on it \(.*\); "
+                        r"Python stacks: \S+/hangs/0/rank<r>\.txt", line), line
     folder = os.path.join(run_dir, "hangs", "0")
     assert sorted(os.listdir(folder)) == ["rank0.txt", "rank1.txt"]
     stalled = open(os.path.join(folder, "rank1.txt")).read()

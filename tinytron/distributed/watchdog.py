@@ -138,13 +138,13 @@ class Watchdog:
             folder = os.path.join(self.hang_root, self.attempt)   # each rank on its own: the same folder
             self._write_stacks(folder)
             # Both lines start on a line of their own: rank 0's progress bar may be open on the console.
-            abort.fail(f"\nerror: hang: rank {self.rank} waited {waited:.0f} s in step "
+            abort.fail(f"\n[tinytron] error: hang: rank {self.rank} waited {waited:.0f} s in step "
                        f"{self.last_step + 1} (--step_timeout_minutes {self.timeout_minutes}) and the job's store "
                        f"does not answer ({type(e).__name__}: rank 0, its host, stopped or died?); its Python "
                        f"stacks: {folder}", 1, post=False)
             return
         line = describe_hang(done, answers, self.world_size)
-        abort.fail(f"\nerror: hang: {line} (no step ended within --step_timeout_minutes "
+        abort.fail(f"\n[tinytron] error: hang: {line} (no step ended within --step_timeout_minutes "
                    f"{self.timeout_minutes} of the step before); Python stacks: {folder}/rank<r>.txt", 1,
                    printer=self.rank, readers=len(answers))
 

@@ -76,14 +76,6 @@ def check_items(train_dataset, val_dataset, seq_len: int, vocab_size: int) -> No
 
 
 
-def check_batch_ids(batch: torch.Tensor, step: int, vocab_size: int) -> None:
-    """Ids past the embedding table in a batch: one line instead of an IndexError traceback (CPU) or
-    a device-side assert (CUDA). Checked on the DataLoader's host copy only (no device sync, a few
-    microseconds per micro-batch); a batch already on the device is not checked."""
-    largest = int(batch.max()) if batch.device.type == "cpu" else -1
-    if largest >= vocab_size:
-        raise ConfigError(f"a batch of step {step} holds token id {largest}, not below --vocab_size {vocab_size}")
-
 def data_identity(train_dataset, val_dataset) -> str:
     """What a Trainer subclass's own data adds to the run's identity (its folder's hash): each
     set's class, length and three items (first, middle, last) as int64 tokens, hashed. Cheap (three

@@ -42,7 +42,6 @@ from tinytron.distributed.zero1 import DistributedOptimizer
 from tinytron.model import GPT
 from tinytron.model.gpt import IGNORE_INDEX, cross_entropy_sum
 from tinytron.training import checkpoint as ckpt
-from tinytron.training import preflight
 from tinytron.training.checkpoint_async import AsyncSaver, SyncSaver
 from tinytron.training.config import Config, ConfigError, validate_config
 from tinytron.training.documents import document_layout_fn
@@ -95,9 +94,8 @@ class Trainer:
         # same world size restores each rank's stream.
         torch.manual_seed(int(np.random.SeedSequence([t.seed, self.rank]).generate_state(1, np.uint64)[0]))
         point = resume(config, self.run_dir, self.model, self.optimizer, self.is_main)
-        self.step, self.skipped_steps, self.branch, self.data_offset = (
-            point.step, point.skipped_steps, point.branch, point.data_offset)
-        self.resumed_from = point.path
+        self.step, self.skipped_steps, self.branch, self.data_offset, self.resumed_from = (
+            point.step, point.skipped_steps, point.branch, point.data_offset, point.path)
         if self.step >= self.total_steps:   # a finished run found again: before anything is written or shown
             raise finished_error(self.run_dir, point.path, self.step, self.total_steps,
                                  config.checkpoint.skip_data_steps)
@@ -123,8 +121,8 @@ class Trainer:
             raise ConfigError(str(e)) from None
         if t.precision == "bf16" and rt.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--precision bf16 is not supported by this GPU; use --precision fp32")
-        self.device, self.rank, self.world_size, self.is_main = rt.device, rt.rank, rt.world_size, rt.is_main
-        self.signals = rt.signals
+        self.device, self.rank, self.world_size, self.is_main, self.signals = (
+            rt.device, rt.rank, rt.world_size, rt.is_main, rt.signals)
         self.fsdp = cfg.parallel.fsdp and self.world_size > 1   # one process has nothing to shard
         if self.is_main and dist.is_initialized():
             ps.print_topology()
@@ -231,7 +229,10 @@ class Trainer:
         their documents with --reset_position_ids), the --document_mask over the FULL sequences
         (None without), and the number of valid targets of the FULL sequences (so per-rank losses
         sum to the full mean over SEP)."""
-        preflight.check_batch_ids(batch, self.step, self.config.model.vocab_size)
+        largest = int(batch.max()) if batch.device.type == "cpu" else -1   # the host copy: no device sync
+        if largest >= self.config.model.vocab_size:   # one line, not an IndexError or a device-side assert
+            raise ConfigError(f"a batch of step {self.step} holds token id {largest}, not below --vocab_size "
+                              f"{self.config.model.vocab_size}")
         batch = batch.to(self.device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
@@ -343,7 +344,6 @@ class Trainer:
         profiler = StepProfiler(self.is_main and t.use_profiler, t.steps_to_profile,
                                 os.path.join(self.run_dir, "rank0_trace.json"),
                                 before_stop=self.optimizer.finish_param_gather)  # no collective in the trace
-        # Bounds each step after the first by --step_timeout_minutes (hangs: distributed/watchdog.py).
         watchdog = Watchdog(self.rank, self.world_size, cfg.parallel.step_timeout_minutes, os.path.join(
             self.run_dir, "hangs"), wait_points=(reduce_step_stats.__code__.co_filename,))
         self.model.train()
