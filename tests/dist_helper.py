@@ -1,5 +1,6 @@
 """Run a function in N processes on the gloo backend (CPU) and collect what each returns."""
 
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -7,6 +8,13 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# The ranks are forked from one server process that has imported torch and tinytron once (a fresh
+# interpreter importing them costs ~3 CPU-seconds per rank: minutes over the suite's worlds on 2
+# cores). The server never runs a test, so every world still starts from a clean process: nothing
+# one world's ranks do (patches, seeds, process groups, compile caches) reaches another's.
+_PRELOAD = ["tests.utils", "tinytron.training", "torch.distributed.fsdp", "torch._dynamo"]
+multiprocessing.set_forkserver_preload(_PRELOAD)
 
 
 def free_port() -> int:
@@ -16,9 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_dir, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+def _worker(rank, world_size, port, out_dir, environ, cwd, fn, args):
+    # A forked rank has the server's environment and folder, from when it started: take the
+    # caller's, as a spawned rank would.
+    os.environ.clear()
+    os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.chdir(cwd)
     torch.set_num_threads(1)  # two cores shared by several ranks
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -32,10 +44,11 @@ def _worker(rank, world_size, port, out_dir, fn, args):
 
 def run_distributed(fn, world_size: int, *args) -> list:
     """Call fn(*args) on every rank of a fresh gloo world of `world_size` processes (torch.distributed
-    initialised, env vars RANK/WORLD_SIZE/... set); return the per-rank results, rank order.
-    fn must be a module-level function (processes are spawned); a failure in any rank raises."""
+    initialised, env vars RANK/WORLD_SIZE/... set, the caller's environment and folder); return the
+    per-rank results, rank order. fn must be a module-level function (it is pickled by name); a
+    failure in any rank raises."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args),
-                           nprocs=world_size, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, dict(os.environ), os.getcwd(), fn, args),
+                           nprocs=world_size, join=True, start_method="forkserver")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
