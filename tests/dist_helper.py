@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import socket
+import sys
 import tempfile
 
 import torch
@@ -25,8 +26,11 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, out_dir, environ, cwd, fn, args):
-    # A forked rank has the server's environment and folder, from when it started: take the
-    # caller's, as a spawned rank would.
+    # A forked rank has the server's environment, folder and stdout/stderr, from when it started:
+    # take the caller's, as a spawned rank would (its output: files the caller prints).
+    for fd, stream in ((1, "out"), (2, "err")):
+        with open(os.path.join(out_dir, f"rank{rank}.{stream}"), "w") as f:
+            os.dup2(f.fileno(), fd)
     os.environ.clear()
     os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -48,7 +52,14 @@ def run_distributed(fn, world_size: int, *args) -> list:
     per-rank results, rank order. fn must be a module-level function (it is pickled by name); a
     failure in any rank raises."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, dict(os.environ), os.getcwd(), fn, args),
-                           nprocs=world_size, join=True, start_method="forkserver")
+        try:
+            mp.start_processes(_worker, args=(world_size, free_port(), out_dir, dict(os.environ), os.getcwd(), fn,
+                                              args), nprocs=world_size, join=True, start_method="forkserver")
+        finally:
+            for r in range(world_size):
+                for name, stream in (("out", sys.stdout), ("err", sys.stderr)):
+                    if os.path.exists(path := os.path.join(out_dir, f"rank{r}.{name}")):
+                        with open(path) as f:
+                            stream.write(f.read())
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
