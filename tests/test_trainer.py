@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist_helper import free_port
+from tests.dist_helper import free_port, run_script
 from tests.utils import TINY_FLAGS, launch_env, read_log, tiny_config
 from tinytron.data.sampler import GlobalBatchSampler
 from tinytron.training import Trainer
@@ -91,7 +91,8 @@ def _cli(*flags, nproc=None):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
 ])
 def test_bad_flags_one_line_error(tmp_path, flags, message):
-    r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), *flags)
+    """pretrain_debug.py forked with torch imported (the real interpreter's start: the other _cli tests)."""
+    r = run_script("pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(tmp_path), *flags, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
