@@ -109,7 +109,7 @@ def _kill_tree(proc) -> None:
 
 
 def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error")]
+    return [line for line in stderr.splitlines() if line.startswith("[tinytron] error")]
 
 
 def test_slow_save_and_validation_do_not_trip_the_step_bound(jobs):

@@ -12,6 +12,7 @@ near zero).
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -310,7 +311,10 @@ def _ranks_and_dropout(log_dir):
     real = ckpt.list_complete
     if dist.get_rank() == 1:
         ckpt.list_complete = lambda root: []
-    step = Trainer(tiny_config(f"{log_dir}/agree")).step
+    try:
+        step = Trainer(tiny_config(f"{log_dir}/agree")).step
+    except ConfigError as e:   # the run is finished: the one-line error names the step it resumed
+        step = int(re.search(r" is complete at step (\d+) of ", str(e)).group(1))
     ckpt.list_complete = real
     masks = {}
     for sep in (1, 2):

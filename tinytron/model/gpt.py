@@ -72,11 +72,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens):
-        # No in-place writes into what is saved for backward: torch 2.11's compiler saved such a
-        # buffer as it was before the writes (zero gradients under --use_compile). The matmuls'
-        # operands are cast once here (autocast would cast the V x C weight twice in every chunk).
+        # No in-place writes into what is saved for backward (torch 2.11's compiler saved such a buffer
+        # as before the writes). Operands cast once here (autocast: twice in every chunk; none on meta).
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if on else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         losses, grad_hidden, grad_weight = [], [], None
         for start in range(0, h.shape[0], chunk_tokens):

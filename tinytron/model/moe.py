@@ -72,7 +72,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul in (the experts cast explicitly: grouped_mm is not
     covered by autocast everywhere, and both expert paths must see the same inputs)."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # none on meta
+    return torch.get_autocast_dtype(device) if on else x.dtype
 
 
 def swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
