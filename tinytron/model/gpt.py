@@ -75,7 +75,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         # No in-place writes into what is saved for backward (torch 2.11's compiler saved such a buffer
         # as before the writes). Operands cast once here (autocast: twice in every chunk; none on meta).
         device = hidden.device.type
-        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        on = device != "meta" and torch.is_autocast_enabled(device)   # autocast knows no meta
         dtype = torch.get_autocast_dtype(device) if on else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         losses, grad_hidden, grad_weight = [], [], None
@@ -140,17 +140,12 @@ class RotaryEmbedding(nn.Module):
 
 
 # RoPE and SwiGLU with hand-written backward passes, so that eager PyTorch runs them without cast or
-# copy kernels (benchmarks/casts.py): autograd of the plain formulas casts bf16 q, k to fp32 and back
-# and concatenates rotated halves, in forward and backward, and SwiGLU's gate and up gradients. Here
-# each half of a result is one op computing in fp32 (RoPE's tables' dtype), stored in x's dtype into
-# its half of the output (`out=`): the plain forward's bits, the backward's fp32 math rounded once.
-# torch.compile cannot trace `out=` into half a tensor: there a cat, fused with the casts.
+# copy kernels (benchmarks/casts.py): each half of a result is one op computing in fp32, stored in x's
+# dtype into its half of the output (`out=`). Compiled, the plain formulas (the compiler fuses them).
 def _rotate(x: torch.Tensor, c1, c2, s1, s2) -> torch.Tensor:
     """x: [..., D] with halves x1, x2; fp32 table halves -> (x1 c1 - x2 s1, x2 c2 + x1 s2), x's dtype."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
-    if torch.compiler.is_compiling():
-        return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1).to(x.dtype)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.sub(x1 * c1, x2 * s1, out=out[..., :h])
     torch.add(x2 * c2, x1 * s2, out=out[..., h:])
@@ -172,7 +167,11 @@ class _Rope(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; cos, sin: [B or 1, T, D] fp32 -> x rotated in fp32, x's shape and dtype."""
-    return _Rope.apply(x, cos.unsqueeze(2), sin.unsqueeze(2))
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    if torch.compiler.is_compiling():
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    return _Rope.apply(x, cos, sin)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -189,15 +188,16 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):   # autograd's kernels for the plain formula
         gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():
-            return torch.cat((torch.ops.aten.silu_backward(grad * up, gate), grad * act), dim=-1)
         out = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :gate.shape[-1]])
         torch.mul(grad, act, out=out[..., gate.shape[-1]:])
         return out
 
 
-swiglu = _SwiGLU.apply
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():   # torch 2.11's compiler cannot trace _SwiGLU
+        return F.silu(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1]
+    return _SwiGLU.apply(gate_up)
 
 
 # Attention on F.scaled_dot_product_attention. The core op (`CausalAttention`: q, k, v -> output, no
