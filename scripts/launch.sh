@@ -25,7 +25,8 @@ elif [ -x .venv/bin/python ]; then
 else
   PYTHON=$(command -v python3 || true)
 fi
-if [ -z "$PYTHON" ] || ! "$PYTHON" -c 'import torch' 2>/dev/null; then
+# find_spec, not `import torch`: whether torch is there, without the ~1.5 s of importing it.
+if [ -z "$PYTHON" ] || ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("torch"))' 2>/dev/null; then
   echo "[tinytron] error: no Python with torch found (tried \$TINYTRON_PYTHON, \$VIRTUAL_ENV, .venv/bin/python, python3" \
     "on PATH${PYTHON:+: $PYTHON has no torch}); install as README.md says or set TINYTRON_PYTHON" >&2
   exit 2

@@ -28,9 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _as_a_fresh_interpreter() -> None:
+    """A process forked from the server inherits its start method (forkserver): its DataLoader
+    workers would then start a forkserver of their own, a new interpreter importing the preloads
+    (~3 CPU-seconds per rank). Take the default of a fresh interpreter, as torchrun's workers do
+    (the first of get_all_start_methods: fork on Linux before Python 3.14)."""
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+
+
 def _worker(rank, world_size, port, out_dir, environ, cwd, fn, args):
     # A forked rank has the server's environment, folder and stdout/stderr, from when it started:
     # take the caller's, as a spawned rank would (its output: files the caller prints).
+    _as_a_fresh_interpreter()
     for fd, stream in ((1, "out"), (2, "err")):
         with open(os.path.join(out_dir, f"rank{rank}.{stream}"), "w") as f:
             os.dup2(f.fileno(), fd)
@@ -69,6 +78,7 @@ def run_distributed(fn, world_size: int, *args) -> list:
 
 
 def _script(path, argv, environ, cwd, out_dir):
+    _as_a_fresh_interpreter()
     for fd, stream in ((1, "stdout"), (2, "stderr")):
         with open(os.path.join(out_dir, stream), "w") as f:
             os.dup2(f.fileno(), fd)
