@@ -46,6 +46,10 @@ CLIP = 0.3
 ODD_DENSE = [*DENSE, "--vocab_size", "97", "--grad_clip_value", str(CLIP)]
 
 
+# Full recompute inside the FSDP units, 2 micro-batches (accumulation is the dense dp 2 run's to check).
+MOE_SEP2 = ["--fsdp", "--activation_checkpointing", "full", "--batch_size", "8"]
+
+
 def sep(n: int, *flags: str) -> list[str]:
     return ["--sep_size", str(n), *flags]
 
@@ -62,8 +66,8 @@ PROBED = "bf16 moe dp2 sep2"   # also reports its FSDP units' mixed precision (p
 WORLD2 = {
     "dense dp2": (ODD_DENSE, FSDP),
     "dense dp2 resumed": (ODD_DENSE, FSDP, "dense dp2"),                  # FSDP -> FSDP, same layout
-    "moe sep2": (MOE, sep(2, "--fsdp", "--activation_checkpointing", "full")),   # recompute inside FSDP units
-    "moe sep2 resumed": (MOE, sep(2, "--fsdp", "--activation_checkpointing", "full"), "moe sep2"),   # experts
+    "moe sep2": (MOE, sep(2, *MOE_SEP2)),   # recompute inside FSDP units
+    "moe sep2 resumed": (MOE, sep(2, *MOE_SEP2), "moe sep2"),   # experts
     "dense dp2 compiled": (ODD_DENSE, ["--fsdp", "--use_compile"]),
     "bf16 dense dp2": (ODD_DENSE + BF16, ["--fsdp"]),
     "moe dp2 from zero1 dp2 sep2": (MOE, ["--fsdp"], "moe dp2 sep2 zero1"),   # ZeRO-1 world 4 -> FSDP world 2
