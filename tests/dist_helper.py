@@ -85,18 +85,28 @@ def _script(path, argv, environ, cwd, out_dir):
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
-    sys.argv = [path, *argv]
-    runpy.run_path(path, run_name="__main__")
+    if path == "-m":     # python -m module args
+        sys.argv = list(argv)
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    elif path == "-c":   # python -c code args
+        sys.argv = ["-c", *argv[1:]]
+        exec(compile(argv[0], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = [path, *argv]
+        runpy.run_path(path, run_name="__main__")
 
 
-def run_script(path: str, *argv: str, cwd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python path *argv` in `cwd`, in a process forked from the server above (torch and tinytron
-    already imported: no interpreter start-up, ~3 s less per run): its exit code, stdout, stderr.
-    For what the script does with its flags (errors, exit codes); what the start of a real
-    interpreter adds (import-time output) is seen only by the tests that run the real command."""
+def run_script(path: str, *argv: str, cwd: str, timeout: float = 120,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python path *argv` (also `python -m module ...` and `python -c code ...`: path "-m" or "-c")
+    in `cwd` with `env` (default os.environ), in a process forked from the server above (torch and
+    tinytron already imported: no interpreter start-up, ~3 s less per run): its exit code (minus
+    the signal that killed it), stdout, stderr. For what the script does with its flags (errors,
+    exit codes, training); what the start of a real interpreter adds (import-time output) is seen
+    only by the tests that run the real command."""
     with tempfile.TemporaryDirectory() as out_dir:
         proc = multiprocessing.get_context("forkserver").Process(
-            target=_script, args=(path, argv, dict(os.environ), cwd, out_dir))
+            target=_script, args=(path, argv, dict(os.environ if env is None else env), cwd, out_dir))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist_helper import run_distributed
+from tests.dist_helper import run_distributed, run_script
 from tests.utils import TINY_FLAGS, read_log, tiny_config
 from tinytron.distributed.zero1.optimizer_state import read_state_dict
 from tinytron.training import Trainer
@@ -227,8 +227,7 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     but before its rename."""
     ref_dir, _ = resume_and_train(tmp_path / "ref")
     keep = ["--keep_last_n_checkpoints", "1"]
-    r = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, *TINY_FLAGS, "--log_dir", str(tmp_path / "killed"),
-                        *keep], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run_script("-c", KILLED_IN_SAVE, *TINY_FLAGS, "--log_dir", str(tmp_path / "killed"), *keep, cwd=REPO)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     run_dir = tiny_config(tmp_path / "killed").run_dir
     tmp = os.path.join(run_dir, "checkpoints", ".tmp_step_00000008")
@@ -345,8 +344,7 @@ def nan_stop(tmp_path_factory):
     -> (finished process, log dir, flags)."""
     log_dir = tmp_path_factory.mktemp("nan_stop")
     flags = ["--save_every_steps", "2", "--max_skipped_steps", "3"]
-    r = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_2, *TINY_FLAGS, "--log_dir", str(log_dir), *flags],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run_script("-c", NAN_FROM_STEP_2, *TINY_FLAGS, "--log_dir", str(log_dir), *flags, cwd=REPO)
     return r, log_dir, flags
 
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.dist_helper import run_script
 from tests.docs import doc_block
 from tests.test_preemption import FLAGS, LONG, _rank_logs, _run_dir, _steps, jobs
 from tests.utils import launch_env, read_log
@@ -149,9 +150,8 @@ def test_async_save_killed_mid_write_resumes_from_the_previous(tmp_path):
 
 def test_async_save_without_saves_is_refused(tmp_path):
     """--async_save --no-do_save: one line naming both flags, exit 2, before any work."""
-    r = subprocess.run([sys.executable, "pretrain_debug.py", *FLAGS, "--log_dir", str(tmp_path), "--async_save",
-                        "--no-do_save"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True, timeout=120)
+    r = run_script("pretrain_debug.py", *FLAGS, "--log_dir", str(tmp_path), "--async_save", "--no-do_save",
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and r.stderr.strip() == (
         "[tinytron] error: --async_save writes checkpoints in the background: it needs --do_save (drop --no-do_save)")
     assert not os.listdir(tmp_path)

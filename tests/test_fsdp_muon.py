@@ -40,8 +40,8 @@ from tinytron.distributed.fsdp import FSDPOptimizer
 from tinytron.training.config import ConfigError, resume_changes, validate_config
 from tinytron.training.memory import _breakdown, fsdp_muon_buffer_bytes, fsdp_state_bytes, muon_step_bytes
 
-# --num_workers 2 (the default) in the first run only: DataLoader workers start in ~25 s per run on
-# the 2-core CI machine, and the data order does not depend on them (tests/test_sampler.py).
+# --num_workers 2 (the default) in the first run only: the data order does not depend on them
+# (tests/test_sampler.py).
 FSDP = ["--fsdp"]
 WORKERS = ["--num_workers", "2"]
 SEP2 = ["--sep_size", "2"]

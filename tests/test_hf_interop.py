@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.dist_helper import run_script
 from tests.utils import tiny_model_config
 from tinytron.commands.export import main as export_main
 from tinytron.commands.generate import generate_text, load_generator
@@ -220,8 +220,7 @@ def _greedy(model: GPT, ids: list[int], steps: int, eos: int) -> list[int]:
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    return run_script("-m", module, *args, cwd=REPO, env=ENV)
 
 
 def test_cli_export_and_generate(tmp_path, capsys):
@@ -229,8 +228,9 @@ def test_cli_export_and_generate(tmp_path, capsys):
     test_sep2_checkpoint_exports_like_sep1) -> `python -m tinytron.commands.export` -> a folder that
     transformers loads (model and tokenizer) -> `python -m tinytron.commands.generate` prints the greedy
     continuation our own model computes, from the HF folder and from the checkpoint alike. (Two
-    real subprocesses; the other command lines run in-process through the same `main`, since each
-    subprocess pays ~5 s of importing transformers.)"""
+    commands as processes of their own, forked with torch imported (run_script); the other command
+    lines run in-process through the same `main`, since each process pays ~5 s of importing
+    transformers.)"""
     cfg = tiny_model_config(**{**BASE, "vocab_size": 4096}, **CASES["gqa_tied"])
     model = build(cfg)
     run = tmp_path / "run"

@@ -4,13 +4,13 @@ synthetic values (the trainer-level tests live in test_trainer.py)."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+from tests.dist_helper import run_script
 from tinytron.training.config import ConfigError, LoggingConfig
 from tinytron.training.metrics import METRICS_FILE, MetricsLogger, check_sink_packages
 
@@ -158,9 +158,8 @@ def test_plot(tmp_path):
         assert image[..., :3].std() > 0  # something was drawn
     # the CLI: a folder without metrics.jsonl is one line on stderr and exit code 2
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-m", "tinytron.commands.plot", str(tmp_path / "run_a"),
-                             str(tmp_path / "empty"), "--out", str(tmp_path / "bad.png")],
-                            capture_output=True, text=True)
+    result = run_script("-m", "tinytron.commands.plot", str(tmp_path / "run_a"), str(tmp_path / "empty"),
+                        "--out", str(tmp_path / "bad.png"), cwd=os.getcwd())
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "metrics.jsonl" in result.stderr
     assert not (tmp_path / "bad.png").exists()
@@ -204,7 +203,6 @@ def test_trainer_missing_sink_package_is_one_line(tmp_path):
     from tests.utils import TINY_FLAGS
     code = ("import sys; sys.modules['wandb'] = None; sys.argv = ['x'] + sys.argv[1:]; "
             "from tinytron.training import run; run()")
-    r = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path),
-                        "--wandb_project", "p"], capture_output=True, text=True, timeout=120)
+    r = run_script("-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path), "--wandb_project", "p", cwd=os.getcwd())
     assert r.returncode == 2
     assert r.stderr.strip() == "[tinytron] error: --wandb_project needs the wandb package: pip install -e '.[track]'"

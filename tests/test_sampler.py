@@ -1,15 +1,13 @@
 """Data order at any scale: the Feistel permutation, blended corpora, and the bounded validation set."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.dist_helper import run_distributed
+from tests.dist_helper import run_distributed, run_script
 from tests.utils import read_log, tiny_config
 from tinytron.data.blend import Blend, floor_sum
 from tinytron.data.mock import MockDataset
@@ -174,15 +172,13 @@ def test_pretrain_example_blends_two_corpora(tmp_path):
              "--val_every_steps", "2", "--val_max_tokens", "1024", "--log_dir", str(tmp_path / "logs"),
              "--tokenize_num_proc", "1", "--no-do_save"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    r = subprocess.run([sys.executable, "pretrain_example.py", *flags], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = run_script("pretrain_example.py", *flags, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert sorted(read_log(run_dir)) == [0, 1, 2, 3] and sorted(read_log(run_dir, "val")) == [1, 3]
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
-    bad = subprocess.run([sys.executable, "pretrain_example.py", *flags, "--dataset_weights", "0.7,x"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    bad = run_script("pretrain_example.py", *flags, "--dataset_weights", "0.7,x", cwd=REPO, env=env, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == \
         "[tinytron] error: --dataset_weights '0.7,x' must be comma-separated numbers"

@@ -73,9 +73,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def _cli(*flags, nproc=None):
-    cmd = [sys.executable, "pretrain_debug.py"] if nproc is None else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         "pretrain_debug.py"]  # --standalone: a free rendezvous port, not 29500
+    if nproc is None:
+        return run_script("pretrain_debug.py", *flags, cwd=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "pretrain_debug.py"]  # --standalone: a free rendezvous port, not 29500
     return subprocess.run(cmd + list(flags), cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -106,8 +107,7 @@ def test_torch_older_than_the_floor_is_one_line(tmp_path):
     """pretrain_debug.py under a torch that reports 2.10 (patched before the entry script runs)."""
     code = ("import runpy, sys, torch; torch.__version__ = '2.10.1+cu128'; sys.argv[0] = 'pretrain_debug.py'; "
             "runpy.run_path('pretrain_debug.py', run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = run_script("-c", code, *TINY_FLAGS, "--log_dir", str(tmp_path), cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip() == "[tinytron] error: torch 2.10.1+cu128 is installed; Tinytron needs torch >= 2.11 " \
         "(pip install 'torch>=2.11')"
@@ -193,7 +193,7 @@ def test_token_ids_past_vocab_size_are_one_line_before_the_first_step(tmp_path):
 
 def test_custom_data_is_part_of_the_run_identity(tmp_path):
     """docs/extending.md's custom-data Trainer, saved and run as a user runs it (python my_pretrain.py,
-    same flags) on a my_tokens.pt: other tokens start a run folder of their own (trains, exit 0)
+    same flags; forked with torch imported, tests/dist_helper.py:run_script) on a my_tokens.pt: other tokens start a run folder of their own (trains, exit 0)
     instead of resuming the finished one; the same tokens again find their finished run (one line,
     exit 2)."""
     (tmp_path / "my_pretrain.py").write_text(doc_block("docs/extending.md", "trainer"))
@@ -203,8 +203,7 @@ def test_custom_data_is_part_of_the_run_identity(tmp_path):
         tokens = seed_or_tokens if isinstance(seed_or_tokens, torch.Tensor) else \
             torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(seed_or_tokens))
         torch.save(tokens, tmp_path / "my_tokens.pt")
-        return subprocess.run([sys.executable, "my_pretrain.py", *flags], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120)
+        return run_script("my_pretrain.py", *flags, cwd=tmp_path)
     first = train_on(0)
     assert first.returncode == 0, first.stderr[-2000:]
     (run_a,) = os.listdir(tmp_path / "logs")
