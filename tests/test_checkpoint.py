@@ -12,8 +12,6 @@ relative over the parity tests' 10 AdamW steps; 1e-5 relative leaves a margin.
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -377,10 +375,10 @@ def test_training_error_is_printed_on_its_own_line(nan_stop):
 
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
-    """`python pretrain_debug.py` with: a --resume_path that does not exist; a --resume_path
-    holding another model shape or another --seq_len; a --resume_path whose model shard or
-    optimizer shard is truncated (named explicitly: no fallback); a --log_dir
-    under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
+    """`python pretrain_debug.py` (forked with torch imported: run_script) with: a --resume_path
+    that does not exist; a --resume_path holding another model shape or another --seq_len; a
+    --resume_path whose model shard or optimizer shard is truncated (named explicitly: no
+    fallback); a --log_dir under a regular file (tests run as root, where chmod does not stop writes). Each exits 2
     with one line on stderr starting with "[tinytron] error:", leaves every existing file as it was,
     and creates no run folder."""
     src_dir, _ = resume_and_train(tmp_path / "src")
@@ -404,13 +402,10 @@ def test_bad_input_one_line_error_and_nothing_overwritten(tmp_path):
                                "is not writable"),
     })
     before = {name: snapshot(str(watched)) for name, (_, watched, _) in cases.items()}
-    procs = {name: subprocess.Popen([sys.executable, "pretrain_debug.py", *TINY_FLAGS, *flags], cwd=REPO,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (flags, _, _) in cases.items()}
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("[tinytron] error: "), f"{name}: {err}"
+    for name, (flags, _, _) in cases.items():
+        r = run_script("pretrain_debug.py", *TINY_FLAGS, *flags, cwd=REPO)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("[tinytron] error: "), (name, r.stderr)
         assert cases[name][2] in lines[0], f"{name}: {lines[0]}"
         assert snapshot(str(cases[name][1])) == before[name], name
     assert not (tmp_path / "other").exists()   # runs that never started leave no run folder

@@ -193,9 +193,9 @@ def test_token_ids_past_vocab_size_are_one_line_before_the_first_step(tmp_path):
 
 def test_custom_data_is_part_of_the_run_identity(tmp_path):
     """docs/extending.md's custom-data Trainer, saved and run as a user runs it (python my_pretrain.py,
-    same flags; forked with torch imported, tests/dist_helper.py:run_script) on a my_tokens.pt: other tokens start a run folder of their own (trains, exit 0)
-    instead of resuming the finished one; the same tokens again find their finished run (one line,
-    exit 2)."""
+    same flags; forked with torch imported, tests/dist_helper.py:run_script) on a my_tokens.pt:
+    other tokens start a run folder of their own (trains, exit 0) instead of resuming the finished
+    one; the same tokens again find their finished run (one line, exit 2)."""
     (tmp_path / "my_pretrain.py").write_text(doc_block("docs/extending.md", "trainer"))
     flags = [f for f in TINY_FLAGS if f != "--use_mock_data"] + ["--log_dir", str(tmp_path / "logs")]
 
