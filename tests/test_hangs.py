@@ -31,7 +31,7 @@ from tinytron.training.metrics import read_records
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = doc_block("docs/checkpoints.md", "restart-demo")
 WORKER = os.path.join(REPO, "tests", "elastic_worker.py")
-STEPS = 120
+STEPS = 60
 
 
 def _demo_argv(entry: str, *knobs: str, restarts: str = "1") -> list[str]:
@@ -124,7 +124,7 @@ def test_slow_save_and_validation_do_not_trip_the_step_bound(jobs):
 
 
 def test_straggler_in_metrics(jobs):
-    """Every record names the slowest rank; every 20th step (10, 30, ...) rank 1 is 0.4 s slower
+    """Every record names the slowest rank; every 20th step (10, 30, 50) rank 1 is 0.4 s slower
     (0.2 s in each of its 2 micro-steps) and is named, with its time and rank 0's."""
     *_, run_dir = jobs["reference"]
     records = read_records(os.path.join(run_dir, "metrics.jsonl"))
@@ -132,7 +132,7 @@ def test_straggler_in_metrics(jobs):
     for r in records:
         assert r["perf/slowest_rank"] in (0, 1) and 0 < r["perf/fastest_rank_time_s"] <= r["perf/slowest_rank_time_s"]
     slowed = [r for r in records if r["step"] % 20 == 10]
-    assert len(slowed) == 6
+    assert len(slowed) == 3
     for r in slowed:
         assert r["perf/slowest_rank"] == 1 and r["perf/slowest_rank_time_s"] >= 0.4, r
         assert r["perf/fastest_rank_time_s"] < 0.4, r
