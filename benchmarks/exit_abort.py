@@ -8,6 +8,15 @@ exception` (a C++ std::thread still joinable when the interpreter exits: SIGABRT
     python benchmarks/exit_abort.py --runs 20 [--append docs/benchmarks.md]
 
 Slow on 2 cores (a run is ~15-30 s): the count of runs is what the machine affords.
+
+    python benchmarks/exit_abort.py --mechanism --runs 20
+
+The mechanism alone, in one process (~2 s a run): a thread polls the job's TCPStore as the failure
+watcher does (distributed/abort.py), continuously, so that the interpreter's exit finds it inside
+the C++ call (with the GIL released); "left running" exits with the thread still polling (a
+daemon thread nobody stops), "stopped and joined" stops it first (what close_runtime does for every
+thread the project starts). A thread that returns from C++ into a finalizing interpreter is ended
+by a forced unwind through C++ frames that may not throw: std::terminate, this message, SIGABRT.
 """
 
 import argparse
@@ -48,12 +57,55 @@ def one_run(log_dir: str) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
+MECHANISM = """
+import sys, threading, time
+from datetime import timedelta
+import torch.distributed as dist
+host = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+client = dist.TCPStore("127.0.0.1", host.port, is_master=False, timeout=timedelta(seconds=30))
+stopped = threading.Event()
+def watch():
+    while not stopped.is_set():
+        client.check(["message"])
+thread = threading.Thread(target=watch, daemon=True)
+thread.start()
+time.sleep(0.2)
+if sys.argv[1] == "join":
+    stopped.set()
+    thread.join()
+"""
+
+
+def mechanism(runs: int) -> str:
+    """-> the markdown table of the mechanism's runs, thread left running vs stopped and joined."""
+    rows = []
+    for mode, label in (("leave", "left running"), ("join", "stopped and joined")):
+        aborts = 0
+        for _ in range(runs):
+            r = subprocess.run([sys.executable, "-c", MECHANISM, mode], capture_output=True, text=True)
+            aborts += r.returncode != 0 and ABORT in r.stderr
+        rows.append(f"| {label} | {runs} | {runs - aborts} | {aborts} |")
+        print(rows[-1], flush=True)
+    return (f"| the polling thread at exit | runs | exit 0 | `{ABORT}` |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--append", metavar="PATH", help="append the result section to this markdown file")
     p.add_argument("--label", default="", help="what this measurement is of (e.g. the commit)")
+    p.add_argument("--mechanism", action="store_true", help="the mechanism alone, in one process (see above)")
     args = p.parse_args()
+    if args.mechanism:
+        where = f"{machine(torch.device('cpu'))}, torch {torch.__version__}"
+        text = (f"\nCommand: `python benchmarks/exit_abort.py --mechanism --runs {args.runs}`; {where}.\n\n"
+                + mechanism(args.runs))
+        print(text)
+        if args.append:
+            with open(args.append, "a") as f:
+                f.write(text)
+        return
     outcomes, start = collections.Counter(), time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
