@@ -1,6 +1,7 @@
 """Hangs, restarts and stragglers through `tinytron-torchrun --standalone` (2 processes, gloo, CPU,
-default --num_workers), from docs/checkpoints.md's restart-demo command (a 6 s step bound). Four
-jobs run at once (module fixture), each asserted by its own test:
+default --num_workers), from docs/checkpoints.md's restart-demo command (a 6 s step bound), and a
+restart through scripts/launch.sh. Four jobs run at once (module fixture), then a fifth while the
+stop job waits for torchrun to kill its stopped rank (30 s); each is asserted by its own test:
 
   reference  the test worker with the demo's flags; rank 1 is 8 s late into its first save and its
              first validation (longer than the step bound: they are bounded apart) and 0.2 s
@@ -9,6 +10,8 @@ jobs run at once (module fixture), each asserted by its own test:
              the first checkpoint
   stop       rank 1 stops itself (SIGSTOP) in step 30
   stall      rank 1 sleeps in step 30, alive, outside any collective; no restarts
+  launch     the demo's flags through scripts/launch.sh (MAX_RESTARTS 1); `kill -9` of rank 0
+             after the first checkpoint
 """
 
 import contextlib
@@ -21,11 +24,13 @@ import sys
 import time
 
 import pytest
+import torch
 
+from tests.dist_helper import free_port
 from tests.docs import doc_block
-from tests.utils import process_tree, read_log
+from tests.utils import launch_env, process_tree, read_log
 from tinytron.distributed.watchdog import describe_hang
-from tinytron.training.checkpoint import list_complete
+from tinytron.training.checkpoint import list_complete, read_model_state
 from tinytron.training.metrics import read_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,14 +96,29 @@ def jobs(tmp_path_factory):
             procs[name] = subprocess.Popen(cmd, cwd=cwd, env=_env(), text=True,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             stack.callback(_kill_tree, procs[name])
-        checkpoints = root / "kill" / "logs" / "faults"
-        deadline = time.monotonic() + 300   # generous: a loaded machine starts torchrun slowly
-        while not (checkpoints.is_dir() and list_complete(os.path.join(_run_dir(checkpoints), "checkpoints"))):
-            assert procs["kill"].poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
-            time.sleep(0.01)
-        os.kill(_worker(procs["kill"].pid, 0), signal.SIGKILL)
-        out = {name: p.communicate(timeout=600) for name, p in procs.items()}
+        _kill_rank_0_after_the_first_checkpoint(procs["kill"], root / "kill" / "logs" / "faults")
+        out = {name: procs[name].communicate(timeout=600) for name in ("reference", "kill")}
+        # The stop job now waits for torchrun's SIGKILL of its stopped rank: the launch job runs meanwhile.
+        demo = _demo_argv(WORKER)
+        flags = [*demo[demo.index(WORKER) + 1:], "--log_dir", str(root / "launch" / "logs" / "faults")]
+        procs["launch"] = subprocess.Popen(
+            ["bash", "-c", 'source scripts/launch.sh && launch "$@"', "launch", WORKER, *flags], cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**launch_env(), "MAX_RESTARTS": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
+        stack.callback(_kill_tree, procs["launch"])
+        _kill_rank_0_after_the_first_checkpoint(procs["launch"], root / "launch" / "logs" / "faults")
+        out.update({name: p.communicate(timeout=600) for name, p in procs.items() if name not in out})
     return {name: (procs[name].returncode, *out[name], _run_dir(root / name / "logs" / "faults")) for name in procs}
+
+
+def _kill_rank_0_after_the_first_checkpoint(proc, folder) -> None:
+    """`kill -9` of the job's rank-0 worker once `folder`'s run has a complete checkpoint."""
+    deadline = time.monotonic() + 300   # generous: a loaded machine starts torchrun slowly
+    while not (folder.is_dir() and os.listdir(folder)
+               and list_complete(os.path.join(_run_dir(folder), "checkpoints"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
+        time.sleep(0.01)
+    os.kill(_worker(proc.pid, 0), signal.SIGKILL)
 
 
 def _kill_tree(proc) -> None:
@@ -155,6 +175,17 @@ def test_killed_rank_restarts(jobs):
     rc, out, err, _ = jobs["kill"]
     assert rc == 0, err[-3000:]
     _resumed_like_the_reference(jobs, "kill", out)
+
+
+def test_killed_rank_restarts_under_launch_sh(jobs):
+    """The same through scripts/launch.sh (MAX_RESTARTS 1): exit 0, resumed from step 20, each step
+    logged once with the reference's losses, and the reference's final weights, bitwise."""
+    rc, out, err, run_dir = jobs["launch"]
+    assert rc == 0, err[-3000:]
+    _resumed_like_the_reference(jobs, "launch", out)
+    got, want = (read_model_state(list_complete(os.path.join(d, "checkpoints"))[-1])
+                 for d in (run_dir, jobs["reference"][3]))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_stopped_rank_is_named_and_the_job_restarts(jobs):
