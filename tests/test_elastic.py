@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from tests import test_preemption as preemption
 from tests.dist_helper import free_port
 from tests.utils import TINY_FLAGS, children, process_tree
 from tinytron.training.checkpoint import list_complete
@@ -49,7 +50,7 @@ def _run_dir(log_dir) -> str:
     return os.path.join(log_dir, name)
 
 
-LAUNCH = ["bash", "-c", 'source scripts/launch.sh && launch "$@"', "launch", WORKER]
+LAUNCH = [*preemption.LAUNCH, WORKER]
 
 
 def test_stuck_rank_fails_the_job_within_the_timeout(tmp_path):

@@ -28,6 +28,7 @@ import torch
 
 from tests.dist_helper import free_port
 from tests.docs import doc_block
+from tests.test_preemption import LAUNCH
 from tests.utils import launch_env, process_tree, read_log
 from tinytron.distributed.watchdog import describe_hang
 from tinytron.training.checkpoint import list_complete, read_model_state
@@ -102,7 +103,7 @@ def jobs(tmp_path_factory):
         demo = _demo_argv(WORKER)
         flags = [*demo[demo.index(WORKER) + 1:], "--log_dir", str(root / "launch" / "logs" / "faults")]
         procs["launch"] = subprocess.Popen(
-            ["bash", "-c", 'source scripts/launch.sh && launch "$@"', "launch", WORKER, *flags], cwd=REPO, text=True,
+            [*LAUNCH, WORKER, *flags], cwd=REPO, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**launch_env(), "MAX_RESTARTS": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
         stack.callback(_kill_tree, procs["launch"])

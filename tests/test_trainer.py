@@ -96,8 +96,8 @@ def _cli(*flags, nproc=None):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
 ])
 def test_bad_flags_one_line_error(tmp_path, flags, message):
-    """pretrain_debug.py forked with torch imported (the real interpreter's start: the other _cli tests)."""
-    r = run_script("pretrain_debug.py", *TINY_FLAGS, "--log_dir", str(tmp_path), *flags, cwd=REPO)
+    """pretrain_debug.py forked with torch imported (the real interpreter's start: the torchrun tests)."""
+    r = _cli(*TINY_FLAGS, "--log_dir", str(tmp_path), *flags)
     assert r.returncode == 2
     assert r.stderr.strip() == f"[tinytron] error: {r.stderr.strip()[18:]}" and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
