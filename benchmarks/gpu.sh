@@ -86,7 +86,8 @@ peak_and_plan() {
 
 export out tmp
 export -f figures trainer peak_and_plan
-check "cuda test tier" 200 python3 -m pytest -m cuda -q -rP -p no:cacheprovider tests/
+# -o addopts="": pyproject's pytest-xdist options, for an image without the dev extra (no pytest-xdist).
+check "cuda test tier" 200 python3 -m pytest -o addopts="" -m cuda -q -rP -p no:cacheprovider tests/
 check "Trainer, 0.25B preset (head_dim 32), --use_compile" 75 trainer p025 "${P025[@]}" --use_compile
 check "Trainer, GPT-2 124M shape (SwiGLU 2048, tied), --use_compile" 75 trainer gpt2 "${GPT2[@]}" --use_compile
 check "Peers: GPT-2 124M shape vs transformers' GPT2LMHeadModel (bf16, both compiled whole)" 150 \
