@@ -194,12 +194,15 @@ class DistributedOptimizer(OptimizerStateMixin):
         self._gathering: dict[int, object] = {}   # slot -> its all-gather's Work, in flight
         self._overlap_grad = overlap_grad_reduce and any(buf.size > 1 for buf in self._buffers)
         if self._overlap_grad:
-            # Weakly: a tensor hook is held on the C++ side, where the garbage collector cannot
-            # see it, so a strong one would keep this optimizer (and through it the model, grads
-            # and state) alive for the whole process once its Trainer is dropped.
-            on_grad_ready = weakref.WeakMethod(self._on_grad_ready)
+            # Weakly: tensor hooks live on the C++ side, unseen by the garbage collector; a strong
+            # one would keep this optimizer (params, grads, state) alive once its Trainer is dropped.
+            method = weakref.WeakMethod(self._on_grad_ready)
+
+            def on_grad_ready(p: nn.Parameter) -> None:
+                if (live := method()) is not None:   # None: this optimizer was dropped
+                    live(p)
             for p in self._slot_of:
-                p.register_post_accumulate_grad_hook(lambda p: on_grad_ready()(p))
+                p.register_post_accumulate_grad_hook(on_grad_ready)
         self._overlap_param = (overlap_param_gather and model is not None
                                and any(buf.sharded for buf in self._buffers))
         if self._overlap_param:
